@@ -1,0 +1,1 @@
+"""LightningDataModules: the synthetic hallucination world and caption-pair data."""

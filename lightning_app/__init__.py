@@ -1,0 +1,1 @@
+"""Command-line entry of the Grounded Attention suite (``python -m lightning_app``)."""

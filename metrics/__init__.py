@@ -1,0 +1,1 @@
+"""Hallucination metrics as torchmetrics: CHAIR, POPE, MME, AMBER."""

@@ -1,0 +1,1 @@
+"""Models: the grounded attention layer, backbone registry and LightningModules."""
