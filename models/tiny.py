@@ -1,0 +1,249 @@
+"""Tiny random vision-language backbones built from configs: one factory per architecture.
+
+They have the real Hugging Face classes and code paths (LLaVA, LLaVA-NeXT, BLIP-2 with OPT or Flan-T5,
+InstructBLIP with Llama or Flan-T5) at a size that runs on a laptop CPU in milliseconds. Tests, the offline
+demo and benchmarks build them; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    CLIPVisionConfig,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    OPTConfig,
+    PreTrainedModel,
+    T5Config,
+)
+
+VOCAB = 128
+IMAGE_TOKEN_ID = VOCAB - 1  # last id of the vocabulary is the image placeholder
+PAD_TOKEN_ID = 0
+BOS_TOKEN_ID = 1
+EOS_TOKEN_ID = 2
+IMAGE_SIZE = 32
+PATCH = 8
+NUM_QUERY_TOKENS = 8
+
+
+def llama_config(hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2, vocab: int = VOCAB) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+    )
+
+
+def clip_vision_config(hidden: int = 32, layers: int = 2, image_size: int = IMAGE_SIZE, patch: int = PATCH) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=hidden,
+    )
+
+
+def _blip_vision_qformer(hidden: int = 32) -> tuple[dict, dict]:
+    vision = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+    )
+    qformer = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        cross_attention_frequency=1,
+    )
+    return vision, qformer
+
+
+def opt_config(hidden: int = 64, layers: int = 4) -> OPTConfig:
+    return OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        ffn_dim=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        word_embed_proj_dim=hidden,
+        max_position_embeddings=512,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+    )
+
+
+def t5_config(hidden: int = 64, layers: int = 2) -> T5Config:
+    return T5Config(
+        vocab_size=VOCAB,
+        d_model=hidden,
+        d_kv=hidden // 4,
+        d_ff=2 * hidden,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=PAD_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+        decoder_start_token_id=PAD_TOKEN_ID,
+        is_encoder_decoder=True,
+        feed_forward_proj="gated-gelu",
+    )
+
+
+def tiny_llava(**text_kwargs) -> LlavaForConditionalGeneration:
+    config = LlavaConfig(
+        vision_config=clip_vision_config(),
+        text_config=llama_config(**text_kwargs),
+        image_token_index=IMAGE_TOKEN_ID,
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    return LlavaForConditionalGeneration(config)
+
+
+def tiny_llava_next() -> LlavaNextForConditionalGeneration:
+    config = LlavaNextConfig(
+        vision_config=clip_vision_config(),
+        text_config=llama_config(),
+        image_token_index=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=[[IMAGE_SIZE, IMAGE_SIZE]],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
+    )
+    return LlavaNextForConditionalGeneration(config)
+
+
+def tiny_blip2_opt() -> Blip2ForConditionalGeneration:
+    vision, qformer = _blip_vision_qformer()
+    config = Blip2Config(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=opt_config(),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=IMAGE_TOKEN_ID,
+    )
+    return Blip2ForConditionalGeneration(config)
+
+
+def tiny_blip2_t5() -> Blip2ForConditionalGeneration:
+    vision, qformer = _blip_vision_qformer()
+    config = Blip2Config(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=t5_config(),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=IMAGE_TOKEN_ID,
+    )
+    return Blip2ForConditionalGeneration(config)
+
+
+def tiny_instructblip_llama() -> InstructBlipForConditionalGeneration:
+    vision, qformer = _blip_vision_qformer()
+    config = InstructBlipConfig(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=llama_config(),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=IMAGE_TOKEN_ID,
+    )
+    return InstructBlipForConditionalGeneration(config)
+
+
+def tiny_instructblip_t5() -> InstructBlipForConditionalGeneration:
+    vision, qformer = _blip_vision_qformer()
+    config = InstructBlipConfig(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=t5_config(),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=IMAGE_TOKEN_ID,
+    )
+    return InstructBlipForConditionalGeneration(config)
+
+
+TINY_FACTORIES: dict[str, Callable[[], PreTrainedModel]] = {
+    "llava": tiny_llava,
+    "llava_next": tiny_llava_next,
+    "blip2_opt": tiny_blip2_opt,
+    "blip2_t5": tiny_blip2_t5,
+    "instructblip_llama": tiny_instructblip_llama,
+    "instructblip_t5": tiny_instructblip_t5,
+}
+
+
+def num_image_tokens(model: PreTrainedModel) -> int:
+    """Image placeholder tokens one image takes in the prompt of a tiny model."""
+    if hasattr(model.config, "num_query_tokens"):
+        return model.config.num_query_tokens
+    return (IMAGE_SIZE // PATCH) ** 2
+
+
+def tiny_inputs(
+    model: PreTrainedModel,
+    batch: int = 2,
+    text_before: int = 3,
+    text_after: int = 6,
+    seed: int = 0,
+    left_pad: list[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A batch of prompts `text_before + <image>*n + text_after` with random pixels, optionally left-padded.
+
+    ``left_pad[i]`` replaces the first ``left_pad[i]`` prompt tokens of row ``i`` by left padding, so that
+    ``input_ids[i, left_pad[i]:]`` alone is the same row unpadded.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_img = num_image_tokens(model)
+    # (B, L) random text ids in [3, IMAGE_TOKEN_ID) around the image span
+    before = torch.randint(3, IMAGE_TOKEN_ID, (batch, text_before), generator=g)
+    after = torch.randint(3, IMAGE_TOKEN_ID, (batch, text_after), generator=g)
+    image = torch.full((batch, n_img), IMAGE_TOKEN_ID)
+    input_ids = torch.cat([before, image, after], dim=1)
+    attention_mask = torch.ones_like(input_ids)
+    if left_pad:
+        # row i: drop its first left_pad[i] prompt tokens and put that many pads on the left instead
+        assert max(left_pad) <= text_before, "left_pad must not exceed text_before"
+        for i, n in enumerate(left_pad):
+            input_ids[i] = torch.cat([torch.full((n,), PAD_TOKEN_ID), input_ids[i, n:]])
+            attention_mask[i, :n] = 0
+    pixel_values = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    if isinstance(model, InstructBlipForConditionalGeneration):
+        q = torch.randint(3, VOCAB - 1, (batch, 5), generator=g)
+        inputs["qformer_input_ids"] = q
+        inputs["qformer_attention_mask"] = torch.ones_like(q)
+    if isinstance(model, LlavaNextForConditionalGeneration):
+        inputs["image_sizes"] = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * batch)
+        inputs["pixel_values"] = pixel_values[:, None]  # (B, patches=1, C, H, W)
+    if model.config.is_encoder_decoder or getattr(model.config.text_config, "is_encoder_decoder", False):
+        dec = torch.randint(3, IMAGE_TOKEN_ID, (batch, 5), generator=g)
+        inputs["decoder_input_ids"] = torch.cat([torch.zeros(batch, 1, dtype=torch.long), dec], dim=1)
+    return inputs
