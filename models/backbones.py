@@ -121,10 +121,16 @@ def _stash_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _bind(fn: Callable, args: tuple, kwargs: dict) -> dict:
+    """Arguments of a call by name, ``**kwargs`` flattened in."""
     try:
-        return inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+        signature = inspect.signature(fn)
+        bound = signature.bind_partial(*args, **kwargs).arguments
     except TypeError:
         return dict(kwargs)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and name in bound:
+            bound.update(bound.pop(name))
+    return bound
 
 
 def _forward_pre_hook(model: PreTrainedModel, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

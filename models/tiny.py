@@ -200,10 +200,16 @@ TINY_FACTORIES: dict[str, Callable[[], PreTrainedModel]] = {
 }
 
 
+LLAVA_NEXT_PATCHES = 2  # base image + one tile for the single 32x32 grid pinpoint
+LLAVA_NEXT_IMAGE_TOKENS = 36  # 16 base + 16 tile + 4 row-newline features (from get_image_features)
+
+
 def num_image_tokens(model: PreTrainedModel) -> int:
     """Image placeholder tokens one image takes in the prompt of a tiny model."""
     if hasattr(model.config, "num_query_tokens"):
         return model.config.num_query_tokens
+    if isinstance(model, LlavaNextForConditionalGeneration):
+        return LLAVA_NEXT_IMAGE_TOKENS
     return (IMAGE_SIZE // PATCH) ** 2
 
 
@@ -242,7 +248,7 @@ def tiny_inputs(
         inputs["qformer_attention_mask"] = torch.ones_like(q)
     if isinstance(model, LlavaNextForConditionalGeneration):
         inputs["image_sizes"] = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE]] * batch)
-        inputs["pixel_values"] = pixel_values[:, None]  # (B, patches=1, C, H, W)
+        inputs["pixel_values"] = pixel_values[:, None].repeat(1, LLAVA_NEXT_PATCHES, 1, 1, 1)  # (B, P, C, H, W)
     if model.config.is_encoder_decoder or getattr(model.config.text_config, "is_encoder_decoder", False):
         dec = torch.randint(3, IMAGE_TOKEN_ID, (batch, 5), generator=g)
         inputs["decoder_input_ids"] = torch.cat([torch.zeros(batch, 1, dtype=torch.long), dec], dim=1)
