@@ -346,8 +346,11 @@ def grounded_attention_forward(
     log_g = getattr(module, GATE_ATTR)(score)  # (B, T)
     log_g = torch.where(valid, log_g, torch.zeros_like(log_g))
 
-    if state.recorder is not None and state.recording:
-        state.recorder.add(meta.layer, torch.where(valid, score, torch.full_like(score, float("nan"))))
+    if state.recorder is not None:
+        # same ops in a checkpoint recompute (which must not record again) as in the forward
+        recorded = torch.where(valid, score, torch.full_like(score, float("nan")))
+        if state.recording:
+            state.recorder.add(meta.layer, recorded)
 
     bias = (log_g[:, None, :, None] * key_img[:, None, None, :]).to(query.dtype)  # (B, 1, T, S)
     position_bias = kwargs.pop("position_bias", None)
