@@ -145,7 +145,7 @@ def _chair_update(
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     num, den = num.to(torch.float64), den.to(torch.float64)
-    return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 def _chair_compute(counts: Tensor) -> dict[str, Tensor]:
@@ -171,7 +171,7 @@ def chair(
     >>> gt = {1: ["dog", "person"], 2: ["cat"]}
     >>> caps = ["A man walks two dogs past a bench.", "A kitten sleeps on a sofa."]
     >>> {k: round(v.item(), 4) for k, v in chair(caps, [1, 2], gt).items()}
-    {'CHAIRs': 1.0, 'CHAIRi': 0.5, 'Recall': 1.0, 'Len': 8.0}
+    {'CHAIRs': 1.0, 'CHAIRi': 0.4, 'Recall': 1.0, 'Len': 8.0}
     """
     counts, _ = _chair_update(captions, image_ids, _as_ground_truth(ground_truth, mode), mode, skip_unknown)
     return _chair_compute(counts)
@@ -188,7 +188,7 @@ class CHAIR(Metric):
     >>> metric.update(["A man walks two dogs past a bench."], [1])
     >>> metric.update(["A kitten sleeps on a sofa."], [2])
     >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}
-    {'CHAIRs': 1.0, 'CHAIRi': 0.5, 'Recall': 1.0, 'Len': 8.0}
+    {'CHAIRs': 1.0, 'CHAIRi': 0.4, 'Recall': 1.0, 'Len': 8.0}
     """
 
     is_differentiable = False

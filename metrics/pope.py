@@ -143,7 +143,7 @@ def _pope_update(answers: Sequence[str], labels: Sequence[Any] | Tensor, parser:
 
 def _div(num: Tensor, den: Tensor) -> Tensor:
     num, den = num.to(torch.float64), den.to(torch.float64)
-    return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 def _pope_compute(counts: Tensor) -> dict[str, Tensor]:
