@@ -112,12 +112,8 @@ def _grounded_modules(model: nn.Module) -> list[nn.Module]:
 def _stash_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of a grounded attention module: keep its inputs for the `hidden`/cross features."""
     meta: GroundingMeta = getattr(module, META_ATTR)
-    hidden = args[0] if args else kwargs["hidden_states"]
-    meta.hidden = hidden
+    meta.hidden = args[0] if args else kwargs["hidden_states"]
     meta.key_hidden = kwargs.get("key_value_states")
-    past = kwargs.get("past_key_values")
-    if not meta.cross and meta.feature == "hidden" and (past is None or past.get_seq_length(module.layer_idx) == 0):
-        meta.prefill_hidden = hidden.detach() if not torch.is_grad_enabled() else hidden
 
 
 def _bind(fn: Callable, args: tuple, kwargs: dict) -> dict:

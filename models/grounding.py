@@ -120,9 +120,8 @@ class GroundingMeta:
     feature: str
     cross: bool  # cross-attention (keys are encoder positions, every query is text)
     enabled: bool = True
-    hidden: Tensor | None = None  # stashed module input (B, T, D) for the `hidden` feature
+    hidden: Tensor | None = None  # stashed module input (B, T, D) for the `hidden` / cross `value` features
     key_hidden: Tensor | None = None  # cross-attention: encoder states (B, S, D)
-    prefill_hidden: Tensor | None = None  # self-attention: (B, L, D) of the prefill, for cached decoding
 
 
 class GroundingRecorder:
@@ -190,7 +189,7 @@ class GroundingRecorder:
 
 @dataclass
 class GroundingState:
-    """Per-call inputs of the grounded layers.
+    """Per-call inputs of the grounded layers, and what they share within the call.
 
     ``image_mask`` is (B0, L) bool over the sequence the language model attends to (for encoder-decoder models:
     the encoder sequence). ``B`` may be a multiple of ``B0`` (beams / returned sequences, expanded with
@@ -200,6 +199,42 @@ class GroundingState:
     image_mask: Tensor | None
     recorder: GroundingRecorder | None = None
     recording: bool = True
+    _index: dict = field(default_factory=dict, repr=False)  # batch -> (positions, valid)
+    _features: dict = field(default_factory=dict, repr=False)  # layer -> normalised image features (inference)
+
+    def _mask(self, batch: int, device: torch.device) -> Tensor:
+        mask = self.image_mask
+        if mask is None:
+            raise RuntimeError(
+                "a grounded attention layer ran without image positions: call the model through its forward/"
+                "generate with input_ids (image placeholder tokens locate the image), or pass grounding=GroundingState"
+            )
+        mask = mask.to(device)
+        if mask.shape[0] != batch:
+            if batch % mask.shape[0]:
+                raise RuntimeError(f"grounding image mask has batch {mask.shape[0]}, attention has batch {batch}")
+            mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
+        return mask
+
+    def key_mask(self, batch: int, key_len: int, device: torch.device) -> Tensor:
+        """(B, S) bool image keys: expanded to the call's batch, generated positions padded with False."""
+        mask = self._mask(batch, device)
+        if mask.shape[1] > key_len:
+            raise RuntimeError(
+                f"grounding image mask covers {mask.shape[1]} positions but attention sees only {key_len} keys "
+                "(sliding-window or truncated caches are not supported by grounded layers)"
+            )
+        return F.pad(mask, (0, key_len - mask.shape[1]), value=False)
+
+    def image_index(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(B, P) positions of each row's image keys in order (padded to the longest row) and (B, P) validity."""
+        if batch not in self._index:
+            mask = self._mask(batch, device)
+            counts = mask.sum(dim=1)
+            p = int(counts.max())
+            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :p]
+            self._index[batch] = (order, torch.arange(p, device=device)[None, :] < counts[:, None])
+        return self._index[batch]
 
 
 _ACTIVE_STATE: contextvars.ContextVar[GroundingState | None] = contextvars.ContextVar("grounding_state", default=None)
@@ -208,96 +243,72 @@ _ACTIVE_RECORDER: contextvars.ContextVar[GroundingRecorder | None] = contextvars
 )
 
 
-def _key_image_mask(state: GroundingState, batch: int, key_len: int, device: torch.device) -> Tensor:
-    """(B0, L) -> (B, S): expand to the call's batch, pad generated positions with False."""
-    mask = state.image_mask
-    if mask is None:
-        raise RuntimeError(
-            "a grounded attention layer ran without image positions: call the model through its forward/generate "
-            "with input_ids (image placeholder tokens locate the image), or pass grounding=GroundingState(...)"
-        )
-    mask = mask.to(device)
-    if mask.shape[0] != batch:
-        if batch % mask.shape[0]:
-            raise RuntimeError(f"grounding image mask has batch {mask.shape[0]}, attention has batch {batch}")
-        mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
-    if mask.shape[1] > key_len:
-        raise RuntimeError(
-            f"grounding image mask covers {mask.shape[1]} positions but attention sees only {key_len} keys "
-            "(sliding-window or truncated caches are not supported by grounded layers)"
-        )
-    if mask.shape[1] < key_len:
-        mask = F.pad(mask, (0, key_len - mask.shape[1]), value=False)
-    return mask
-
-
 def _flat(x: Tensor) -> Tensor:
     """(B, H, N, d) -> (B, N, H*d)."""
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _features(meta: GroundingMeta, module: nn.Module, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-    """Token features (B, T, D) of the queries and (B, S, D) of every key position."""
-    t, s = query.shape[2], key.shape[2]
+def _gather(x: Tensor, positions: Tensor) -> Tensor:
+    """(B, S, D), (B, P) -> (B, P, D)."""
+    return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _query_features(meta: GroundingMeta, module: nn.Module, query: Tensor, value: Tensor) -> Tensor:
+    """(B, T, D) features of the queries."""
+    t = query.shape[2]
+    if meta.feature == "qk":
+        return _flat(query)
+    if meta.feature == "hidden" or meta.cross:
+        if meta.hidden is None:
+            raise RuntimeError(f"grounded layer {meta.layer}: the module input was not stashed (hook missing)")
+        if meta.feature == "hidden":
+            return meta.hidden
+        b, tq, _ = meta.hidden.shape
+        return module.v(meta.hidden).view(b, tq, -1)  # cross: the query token's own value vector W_v h_t
+    return _flat(value[:, :, -t:])
+
+
+def _image_features(meta: GroundingMeta, query: Tensor, key: Tensor, value: Tensor, positions: Tensor) -> Tensor:
+    """(B, P, D) normalised features of the image keys."""
     if meta.feature == "qk":
         n_rep = query.shape[1] // key.shape[1]
-        return _flat(query), _flat(repeat_kv(key, n_rep))
-    if meta.feature == "value":
+        keys = _flat(repeat_kv(key, n_rep))
+    elif meta.feature == "value":
         keys = _flat(value)
-        if meta.cross:
-            if meta.hidden is None:
-                raise RuntimeError("cross-attention value feature needs the module input; hook missing")
-            b, tq, _ = meta.hidden.shape
-            proj = getattr(module, "v")  # the query token's own value vector, W_v h_t
-            return proj(meta.hidden).view(b, tq, -1), keys
-        return keys[:, s - t :], keys
-    # hidden
-    if meta.hidden is None:
-        raise RuntimeError("hidden feature needs the module input; hook missing")
-    if meta.cross:
-        return meta.hidden, meta.key_hidden
-    if t == s:
-        return meta.hidden, meta.hidden
-    if meta.prefill_hidden is None or meta.prefill_hidden.shape[0] != query.shape[0]:
-        raise RuntimeError("cached decoding with the hidden feature needs the prefill of the same batch")
-    pad = s - meta.prefill_hidden.shape[1] - t
-    keys = F.pad(meta.prefill_hidden, (0, 0, 0, max(pad, 0)))
-    return meta.hidden, torch.cat([keys[:, : s - t], meta.hidden], dim=1)
-
-
-def _query_masks(meta: GroundingMeta, key_img: Tensor, attention_mask: Tensor | None, t: int) -> tuple[Tensor, Tensor]:
-    """text_query (B, T) bool and visible image keys (B, T, S) bool."""
-    b, s = key_img.shape
-    if meta.cross:
-        text_q = torch.ones(b, t, dtype=torch.bool, device=key_img.device)
-        visible = key_img[:, None, :].expand(b, t, s)
+    elif meta.cross:
+        keys = meta.key_hidden
     else:
-        q_pos = torch.arange(s - t, s, device=key_img.device)
-        text_q = ~key_img[:, s - t :]
-        causal = torch.arange(s, device=key_img.device)[None, :] <= q_pos[:, None]  # (T, S)
-        visible = key_img[:, None, :] & causal[None]
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        visible = visible & attention_mask[:, 0, -t:, :s].expand(b, t, s) if attention_mask.shape[1] == 1 else visible
-    return text_q, visible
+        if meta.hidden is None or meta.hidden.shape[1] != key.shape[2]:
+            raise RuntimeError(f"grounded layer {meta.layer}: hidden feature needs the prefill's module input")
+        keys = meta.hidden
+    return F.normalize(_gather(keys, positions).float(), dim=-1)
 
 
-def similarity_score(f_q: Tensor, f_k: Tensor, visible: Tensor) -> Tensor:
-    """max over visible keys of cos(f_q, f_k): (B, T, D), (B, S, D), (B, T, S) -> (B, T); 0 if none visible."""
-    cos = F.normalize(f_q, dim=-1) @ F.normalize(f_k, dim=-1).transpose(1, 2)  # (B, T, S)
-    cos = cos.masked_fill(~visible, torch.finfo(cos.dtype).min)
-    best = cos.amax(dim=-1)
-    return torch.where(visible.any(-1), best, torch.zeros_like(best))
+def similarity_score(f_q: Tensor, f_img: Tensor, visible: Tensor) -> Tensor:
+    """max over visible image keys of cos: (B, T, D) raw, (B, P, D) normalised, (B, T, P) -> (B, T).
+
+    Rows with no visible image key get -2 (outside [-1, 1]); callers mask them.
+    """
+    cos = F.normalize(f_q, dim=-1) @ f_img.transpose(1, 2)  # (B, T, P)
+    return cos.masked_fill(~visible, -2.0).amax(dim=-1)
 
 
 def _attended(
-    module: nn.Module, query: Tensor, key: Tensor, extra_value: Tensor, attention_mask: Tensor | None, kwargs: dict
+    module: nn.Module, query: Tensor, key: Tensor, values: Tensor, attention_mask: Tensor | None, kwargs: dict
 ) -> Tensor:
-    """mean over heads of sdpa(q, k, extra_value): (B, S, E) values shared by heads -> (B, T, E)."""
-    b, s, e = extra_value.shape
-    v = extra_value[:, None].expand(b, key.shape[1], s, e)  # (B, Hkv, S, E)
+    """mean over heads of sdpa(q, k, values): (B, S, E) values shared by all heads -> (B, T, E)."""
+    b, s, e = values.shape
+    v = values[:, None].expand(b, key.shape[1], s, e)  # (B, Hkv, S, E)
     out, _ = sdpa_attention_forward(module, query, key, v, attention_mask, **kwargs)  # (B, T, H, E)
     return out.mean(dim=2)
+
+
+def _scatter(f_img: Tensor, positions: Tensor, valid: Tensor, key_len: int) -> Tensor:
+    """(B, P, D) image features -> (B, S, D) with zeros at every non-image key."""
+    b, _, d = f_img.shape
+    out = f_img.new_zeros(b, key_len, d)
+    return out.scatter(1, positions[..., None].expand(-1, -1, d), f_img * valid[..., None])
 
 
 def grounded_attention_forward(
@@ -322,33 +333,52 @@ def grounded_attention_forward(
             "forward/generate that add_grounding() instrumented"
         )
     b, t, s = query.shape[0], query.shape[2], key.shape[2]
-    key_img = _key_image_mask(state, b, s, query.device)  # (B, S)
-    text_q, visible = _query_masks(meta, key_img, attention_mask, t)
-    valid = text_q & visible.any(-1)  # (B, T)
+    key_img = state.key_mask(b, s, query.device)  # (B, S)
+    positions, pos_valid = state.image_index(b, query.device)  # (B, P)
 
-    f_q, f_k = _features(meta, module, query, key, value)
-    f_q, f_k = f_q.float(), f_k.float()
+    # image-key features are fixed once computed: reuse them across decoding steps (inference only)
+    inference = not torch.is_grad_enabled()
+    cached = state._features.get(meta.layer) if inference else None
+    if cached is not None and cached.shape[0] == b and (meta.cross or t < s):
+        f_img = cached
+    else:
+        f_img = _image_features(meta, query, key, value, positions)  # (B, P, D)
+        if inference:
+            state._features[meta.layer] = f_img
+    f_q = _query_features(meta, module, query, value).float()  # (B, T, D)
+
+    if meta.cross:
+        visible = pos_valid[:, None, :].expand(b, t, -1)
+        valid = visible.any(-1)  # (B, T): every query is text
+    elif t == 1:
+        # one query (decoding): it is the last position, so every image key is visible to it
+        visible = pos_valid[:, None, :]
+        valid = ~key_img[:, -1:] & pos_valid.any(-1, keepdim=True)
+    else:
+        q_pos = torch.arange(s - t, s, device=query.device)
+        text_q = ~key_img[:, s - t :]
+        visible = pos_valid[:, None, :] & (positions[:, None, :] <= q_pos[None, :, None])  # (B, T, P)
+        valid = text_q & visible.any(-1)  # (B, T)
+
     attn_kwargs = {k: v for k, v in kwargs.items() if k in ("scaling", "position_bias", "is_causal")}
+    gate = getattr(module, GATE_ATTR)
     if meta.score == "similarity":
-        score = similarity_score(f_q, f_k, visible)
+        score = similarity_score(f_q, f_img, visible)
     elif meta.score == "attention_weighted":
-        v_img = F.normalize(f_k, dim=-1) * key_img[..., None]  # (B, S, D) normalised image features, 0 elsewhere
-        attended = _attended(module, query, key, v_img.to(query.dtype), attention_mask, attn_kwargs).float()
+        v_img = _scatter(f_img, positions, pos_valid, s).to(query.dtype)  # (B, S, D)
+        attended = _attended(module, query, key, v_img, attention_mask, attn_kwargs).float()
         score = (F.normalize(f_q, dim=-1) * attended).sum(-1)
     else:
-        img = key_img[..., None].to(f_k.dtype)
-        v_img = torch.cat([f_k * img, img], dim=-1)  # (B, S, D+1): features and image indicator
-        out = _attended(module, query, key, v_img.to(query.dtype), attention_mask, attn_kwargs).float()
-        mass = out[..., -1:].clamp_min(1e-6)
-        gate = getattr(module, GATE_ATTR)
+        indicator = pos_valid[..., None].to(f_img.dtype)
+        v_img = _scatter(torch.cat([f_img, indicator], dim=-1), positions, pos_valid, s).to(query.dtype)
+        out = _attended(module, query, key, v_img, attention_mask, attn_kwargs).float()  # (B, T, D+1)
+        mass = out[..., -1:].clamp_min(1e-6)  # attention on image keys
         score = gate.learned_score(F.normalize(f_q, dim=-1), F.normalize(out[..., :-1] / mass, dim=-1))
-    score = torch.where(valid, score, torch.zeros_like(score))
-    log_g = getattr(module, GATE_ATTR)(score)  # (B, T)
-    log_g = torch.where(valid, log_g, torch.zeros_like(log_g))
+    log_g = gate(score).masked_fill(~valid, 0.0)  # (B, T); 0 = no change for image/imageless queries
 
     if state.recorder is not None:
         # same ops in a checkpoint recompute (which must not record again) as in the forward
-        recorded = torch.where(valid, score, torch.full_like(score, float("nan")))
+        recorded = score.masked_fill(~valid, float("nan"))
         if state.recording:
             state.recorder.add(meta.layer, recorded)
 

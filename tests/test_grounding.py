@@ -121,13 +121,13 @@ def test_attention_weighted_equals_naive() -> None:
 
 
 def test_learnable_score_uses_attended_image_feature() -> None:
-    """learnable: MLP([n(f_t), n(sum_p A f_p / sum_p A)]) with A restricted to image keys."""
+    """learnable: MLP([n(f_t), n(sum_p A n(f_p) / sum_p A)]) over image keys p."""
     attn, q, k, v, image = _attention_call("learnable")
     rec = GroundingRecorder()
     grounded_attention_forward(attn, q, k, v, None, scaling=attn.scaling, grounding=GroundingState(image, rec))
     got = rec.forward_scores(attn._grounding_meta.layer)
     probs = _explicit_probs(q, k, attn.scaling).mean(1) * image[:, None, :]  # (B, T, S) mean-head image mass
-    f = v.transpose(1, 2).reshape(2, 12, -1)
+    f = F.normalize(v.transpose(1, 2).reshape(2, 12, -1), dim=-1)
     attended = (probs @ f) / probs.sum(-1, keepdim=True).clamp_min(1e-6)
     gate = getattr(attn, GATE_ATTR)
     expected = gate.learned_score(F.normalize(f, dim=-1), F.normalize(attended, dim=-1))
