@@ -54,7 +54,8 @@ def test_chair_coco_dir_output_contract(tmp_path: Path, capsys: pytest.CaptureFi
 
     main(["chair", "--captions", str(caps), "--coco-dir", str(coco), "--cache-dir", str(tmp_path / "cache"),
           "--mode", "lemma", "--output", str(out)])
-    assert json.loads(out.read_text())["captions"][2]["hallucinated_objects"] == ["bus", "car"]
+    lemma = json.loads(out.read_text())["captions"][2]  # gt is parsed in lemma mode too: "A bus on a street."
+    assert (lemma["mentioned_objects"], lemma["hallucinated_objects"], lemma["gt_objects"]) == (["bus", "car"], ["car"], ["bus"])
 
 
 def test_chair_keys_json_list_and_unknown_ids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
