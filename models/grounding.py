@@ -335,6 +335,10 @@ def grounded_attention_forward(
     b, t, s = query.shape[0], query.shape[2], key.shape[2]
     key_img = state.key_mask(b, s, query.device)  # (B, S)
     positions, pos_valid = state.image_index(b, query.device)  # (B, P)
+    if positions.shape[1] == 0:  # no image in the batch (text-only): nothing to ground
+        if state.recorder is not None and state.recording:
+            state.recorder.add(meta.layer, query.new_full((b, t), float("nan"), dtype=torch.float32))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     # image-key features are fixed once computed: reuse them across decoding steps (inference only)
     inference = not torch.is_grad_enabled()

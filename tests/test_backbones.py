@@ -199,3 +199,48 @@ def test_load_grounding_names_missing_files(tmp_path: Path) -> None:
     model = TINY_FACTORIES["llava"]()
     with pytest.raises(FileNotFoundError, match="grounding_config.json"):
         load_grounding(model, tmp_path)
+
+
+def test_blip2_generate_default_prompt_is_grounded() -> None:
+    """BLIP-2 builds `<image>*n + BOS` itself when input_ids is None; grounding must follow it."""
+    plain, model = _build("blip2_opt", layers=[-1])
+    pixels = tiny_inputs(model)["pixel_values"]
+    rec = GroundingRecorder()
+    with rec, torch.no_grad():
+        grounded = model.generate(pixel_values=pixels, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        reference = plain.generate(pixel_values=pixels, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    steps = rec[3]
+    assert steps[0].shape == (2, 9) and steps[0][:, :8].isnan().all() and not steps[0][:, 8].isnan().any()
+    assert len(steps) == 4 and grounded.shape == reference.shape
+
+
+def test_fixed_gate_is_not_trainable() -> None:
+    _, model = _build("llava", layers=[-1], learnable_gate=False, init_scale=1.5, init_bias=0.25)
+    gate = model.model.language_model.layers[-1].self_attn.grounding_gate
+    assert list(gate.parameters()) == []
+    assert float(gate.scale) == 1.5 and float(gate.bias) == 0.25
+
+
+def test_explicit_grounding_state_matches_automatic() -> None:
+    from models import GroundingState
+
+    _, model = _build("llava", layers=[-1])
+    inputs = tiny_inputs(model)
+    state = GroundingState(inputs["input_ids"] == IMAGE_TOKEN_ID)
+    with torch.no_grad():
+        auto = model(**inputs).logits
+        explicit = model(**inputs, grounding=state).logits
+        empty = model(**inputs, grounding=GroundingState(torch.zeros_like(state.image_mask))).logits
+    torch.testing.assert_close(explicit, auto, atol=0, rtol=0)
+    assert (empty - auto).abs().max() > 1e-4  # the state really drives the gate
+
+
+def test_text_only_batch_equals_untouched() -> None:
+    plain, model = _build("llava", layers=[-2, -1])
+    ids = torch.randint(3, IMAGE_TOKEN_ID, (2, 7))
+    rec = GroundingRecorder()
+    with torch.no_grad():
+        expected = plain(input_ids=ids).logits
+        got = model(input_ids=ids, grounding_scores=rec).logits
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert rec.forward_scores(3).isnan().all()
