@@ -1,0 +1,115 @@
+"""Speed of the hallucination metrics on one CPU core.
+
+* CHAIR: the 500 long captions of an OPERA log (``../shared/reference/opera_chair/``), ground truth
+  already loaded. "cold" clears the tokeniser/singulariser caches before every repeat (first contact
+  with the text); "warm" keeps them (a validation loop that has seen the vocabulary before).
+* POPE: 9000 answers (3 splits x 3000, the size of COCO POPE) in varied wording, official and robust
+  parsers, through the functional form and the ``Metric`` in batches of 64.
+
+    taskset -c 0 python benchmarks/metrics_speed.py [--log llava-1.5_greedy] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from metrics.chair import CHAIR, chair
+from metrics.chair_gt import load_gt_objects
+from metrics.pope import POPE, pope
+from metrics.text import _chunk_tokens, singularize, singularize_lemma
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "opera_chair"
+
+
+def _clear_caches() -> None:
+    for cached in (_chunk_tokens, singularize, singularize_lemma):
+        cached.cache_clear()
+
+
+def _best(fn: Callable[[], object], repeats: int, before: Callable[[], None] | None = None) -> tuple[float, float]:
+    times = []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times), statistics.median(times)
+
+
+def bench_chair(log: str, repeats: int) -> list[str]:
+    start = time.perf_counter()
+    gt = load_gt_objects(REFERENCE / "gt_objects.json")
+    gt_seconds = time.perf_counter() - start
+    records = [json.loads(line) for line in (REFERENCE / f"{log}.jsonl").read_text().splitlines()]
+    caps, ids = [r["caption"] for r in records], [r["image_id"] for r in records]
+    words = sum(len(c.split()) for c in caps) / len(caps)
+    lines = [f"CHAIR, {log}: {len(caps)} captions, {words:.0f} words/caption; gt_objects.json loaded in {gt_seconds * 1e3:.0f} ms"]
+    for mode in ("reference", "lemma"):
+        for label, before in (("cold", _clear_caches), ("warm", None)):
+            if before is None:
+                chair(caps, ids, gt, mode)  # fill the caches
+            best, median = _best(lambda: chair(caps, ids, gt, mode), repeats, before)
+            lines.append(f"  chair() {mode:9s} {label}: {len(caps) / best:8.0f} captions/s (best), {len(caps) / median:8.0f} (median)")
+
+    def metric_run() -> None:
+        metric = CHAIR(gt)
+        for i in range(0, len(caps), 16):
+            metric.update(caps[i : i + 16], ids[i : i + 16])
+        metric.compute()
+
+    best, median = _best(metric_run, repeats, _clear_caches)
+    lines.append(f"  CHAIR Metric, batches of 16, cold: {len(caps) / best:8.0f} captions/s (best), {len(caps) / median:8.0f} (median)")
+    return lines
+
+
+ANSWER_TEMPLATES = [
+    "Yes", "No", "Yes, there is a {o} in the image.", "No, there is no {o} in the image.",
+    "There is a {o} in the image.", "There is not a {o} in the image.", "I don't see a {o}.", "NO",
+    "Yes. The {o} is on the left, next to a table.", "Nope.", "",
+]
+
+
+def bench_pope(repeats: int) -> list[str]:
+    rng = random.Random(0)
+    objects = ["dog", "cat", "dining table", "person", "car", "umbrella"]
+    answers = [rng.choice(ANSWER_TEMPLATES).format(o=rng.choice(objects)) for _ in range(9000)]
+    labels = [rng.choice(["yes", "no"]) for _ in range(9000)]
+    lines = [f"POPE: {len(answers)} answers"]
+    for parser in ("official", "robust"):
+        best, median = _best(lambda: pope(answers, labels, parser), repeats)
+        lines.append(f"  pope() {parser:8s}: {len(answers) / best:9.0f} answers/s (best), {best * 1e3:6.1f} ms per 9000")
+
+    def metric_run() -> None:
+        metric = POPE()
+        for i in range(0, len(answers), 64):
+            metric.update(answers[i : i + 64], labels[i : i + 64])
+        metric.compute()
+
+    best, median = _best(metric_run, repeats)
+    lines.append(f"  POPE Metric, batches of 64: {len(answers) / best:9.0f} answers/s (best), {best * 1e3:6.1f} ms per 9000")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--log", default="llava-1.5_greedy", help="OPERA log name in ../shared/reference/opera_chair")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if not (REFERENCE / "gt_objects.json").is_file():
+        raise SystemExit(f"reference data not found at {REFERENCE}")
+    for line in bench_chair(args.log, args.repeats) + bench_pope(args.repeats):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
