@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import DynamicCache, EncoderDecoderCache, PretrainedConfig, PreTrainedModel
 
 from models.grounding import (
     _ACTIVE_RECORDER,
@@ -161,9 +161,26 @@ def _forward_hook(model: PreTrainedModel, args: tuple, kwargs: dict, output):
     return output
 
 
+def _check_cache(model: PreTrainedModel, bound: dict) -> None:
+    """Grounded layers locate queries at the end of the keys: only dynamic KV caches keep that true."""
+    config = bound.get("generation_config") or model.generation_config
+    implementation = bound.get("cache_implementation") or getattr(config, "cache_implementation", None)
+    if implementation not in (None, "dynamic"):
+        raise ValueError(
+            f"grounded generation supports the dynamic KV cache only, got cache_implementation={implementation!r}"
+        )
+    past = bound.get("past_key_values")
+    if past is not None:
+        if isinstance(past, EncoderDecoderCache):
+            past = past.self_attention_cache
+        if not isinstance(past, DynamicCache) or past.get_seq_length() > 0:
+            raise ValueError("grounded generation needs an empty DynamicCache (or none) as past_key_values")
+
+
 def _grounded_generate(model: PreTrainedModel, original: Callable, *args, **kwargs):
     recorder = kwargs.pop("grounding_scores", None) or _ACTIVE_RECORDER.get()
     bound = _bind(original, args, kwargs)
+    _check_cache(model, bound)
     input_ids = bound.get("input_ids", bound.get("inputs"))
     has_pixels = bound.get("pixel_values") is not None
     if input_ids is None and backbone_spec(model).fixed_image_tokens(model) is not None and has_pixels:

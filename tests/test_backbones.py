@@ -244,3 +244,10 @@ def test_text_only_batch_equals_untouched() -> None:
         got = model(input_ids=ids, grounding_scores=rec).logits
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     assert rec.forward_scores(3).isnan().all()
+
+
+def test_static_cache_generation_is_an_error() -> None:
+    _, model = _build("llava", layers=[-1])
+    inputs = tiny_inputs(model)
+    with pytest.raises(ValueError, match="dynamic KV cache only, got cache_implementation='static'"):
+        model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
