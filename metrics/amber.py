@@ -40,7 +40,7 @@ from torchmetrics import Metric
 from metrics.io import read_records, require_key
 from metrics.text import singularize_lemma, word_tokenize
 
-__all__ = ["AMBER", "AmberAnnotations", "amber", "load_amber_annotations"]
+__all__ = ["AMBER", "AmberAnnotations", "amber", "load_amber_annotations", "read_amber_responses"]
 
 COUNT_NAMES: tuple[str, ...] = (
     "num_nouns", "num_hallucinated_nouns", "num_truth", "num_covered_truth",
@@ -168,7 +168,16 @@ def amber(
 
 
 class AMBER(Metric):
-    """AMBER generative metrics as a torchmetrics ``Metric`` (annotations at construction)."""
+    """AMBER generative metrics as a torchmetrics ``Metric`` (annotations at construction).
+
+    >>> ann = AmberAnnotations({1: ("dog",), 2: ("car",)}, {1: ("cat",), 2: ("person",)},
+    ...     {"dog": (), "cat": ("kitten",), "car": (), "person": ("man",)}, frozenset())
+    >>> metric = AMBER(ann)
+    >>> metric.update([1], ["A dog and a kitten."])
+    >>> metric.update(torch.tensor([2]), ["A car."])
+    >>> {k: round(v.item(), 4) for k, v in metric.compute().items()}
+    {'CHAIR': 0.3333, 'Cover': 1.0, 'Hal': 0.5, 'Cog': 0.5}
+    """
 
     is_differentiable = False
     higher_is_better = False
@@ -197,6 +206,3 @@ def read_amber_responses(path: str | Path, id_key: str = "id", response_key: str
     records = read_records(path)
     ids = [int(require_key(r, id_key, path, i)) for i, r in enumerate(records)]
     return ids, [str(require_key(r, response_key, path, i)) for i, r in enumerate(records)]
-
-
-__all__ += ["read_amber_responses"]

@@ -42,6 +42,12 @@ COUNT_NAMES: tuple[str, ...] = (
     "num_skipped_unknown",
 )
 _CATEGORY_INDEX = {name: i for i, name in enumerate(COCO_CATEGORIES)}
+_DETAIL_STATES = (
+    ("detail_image_ids", torch.long),
+    ("detail_num_mentions", torch.long),
+    ("detail_objects", torch.long),
+    ("detail_hallucinated", torch.bool),
+)
 
 
 @dataclass
@@ -211,10 +217,8 @@ class CHAIR(Metric):
         for name in COUNT_NAMES:
             self.add_state(name, default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         if return_details:
-            self.add_state("detail_image_ids", default=[], dist_reduce_fx="cat")
-            self.add_state("detail_num_mentions", default=[], dist_reduce_fx="cat")
-            self.add_state("detail_objects", default=[], dist_reduce_fx="cat")
-            self.add_state("detail_hallucinated", default=[], dist_reduce_fx="cat")
+            for name, _ in _DETAIL_STATES:
+                self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, captions: Sequence[str] | str, image_ids: Sequence[Any] | Tensor | int | str) -> None:
         if isinstance(captions, str):
@@ -240,6 +244,15 @@ class CHAIR(Metric):
         )
         self.detail_objects.append(torch.tensor([_CATEGORY_INDEX[o] for o in mentions], dtype=torch.long, device=device))
         self.detail_hallucinated.append(torch.tensor(flags, dtype=torch.bool, device=device))
+
+    def sync(self, *args: Any, **kwargs: Any) -> None:
+        # A process that saw no captions still has to take part in the gather: give it empty tensors.
+        if self.return_details:
+            for name, dtype in _DETAIL_STATES:
+                state = getattr(self, name)
+                if isinstance(state, list) and not state:
+                    state.append(torch.zeros(0, dtype=dtype, device=self.device))
+        super().sync(*args, **kwargs)
 
     def counts(self) -> dict[str, int]:
         """The (synced) integer counts."""

@@ -157,6 +157,14 @@ class MME(Metric):
         self.image.append(i.to(self.device))
         self.correct.append(c.to(self.device))
 
+    def sync(self, *args: Any, **kwargs: Any) -> None:
+        # A process that saw no data still has to take part in the gather: give it empty tensors.
+        for name, dtype in (("subtask", torch.long), ("image", torch.long), ("correct", torch.bool)):
+            state = getattr(self, name)
+            if isinstance(state, list) and not state:
+                state.append(torch.zeros(0, dtype=dtype, device=self.device))
+        super().sync(*args, **kwargs)
+
     def compute(self) -> dict[str, Tensor]:
         def flat(state: Any, dtype: torch.dtype) -> Tensor:
             if isinstance(state, Tensor):

@@ -57,6 +57,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         # Uneven shards; rank 1 splits an MME image's two questions with rank 0 (acc+ must still see both).
         _update(metrics, slice(0, 5) if rank == 0 else slice(5, None))
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(_results(metrics)))
+        # A process that sees no data at all must still take part in the gathers.
+        idle = _metrics()
+        if rank == 0:
+            _update(idle, slice(0, None))
+        Path(out_dir, f"idle{rank}.json").write_text(json.dumps(_results(idle)))
     finally:
         dist.destroy_process_group()
 
@@ -72,8 +77,8 @@ def test_two_process_gloo_equals_one_process(tmp_path: Path) -> None:
     single = _metrics()
     _update(single, slice(0, None))
     expected = _results(single)
-    for rank in (0, 1):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for rank, kind in [(0, "rank"), (1, "rank"), (0, "idle"), (1, "idle")]:
+        got = json.loads((tmp_path / f"{kind}{rank}.json").read_text())
         for name in ("chair", "pope", "mme", "amber"):
             assert got[name] == pytest.approx(expected[name], abs=1e-12), (rank, name)
         # details are gathered rank 0 first, then rank 1: the same order as the single process here

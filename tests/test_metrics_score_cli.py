@@ -148,3 +148,18 @@ def test_module_entry_point_on_a_reference_log(tmp_path: Path) -> None:
     assert [c["hallucinated_objects"] for c in result["captions"]] == [s["hallucinated_objects"] for s in expected["sentences"]]
     assert [c["mentioned_objects"] for c in result["captions"]] == [s["mscoco_generated_words"] for s in expected["sentences"]]
     assert "CHAIRs" in proc.stdout
+
+
+def test_cli_dispatches_score_and_keeps_lightning_subcommands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_app.cli import main as cli_main
+
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps({"1": ["dog"]}))
+    caps = write_jsonl(tmp_path / "caps.jsonl", [{"image_id": 1, "caption": "A dog and a cat."}])
+    cli_main(["score", "chair", "--captions", str(caps), "--gt-objects", str(gt), "--output", str(tmp_path / "o.json")])
+    assert json.loads((tmp_path / "o.json").read_text())["metrics"]["CHAIRi"] == 0.5
+    for sub in ("fit", "validate"):
+        with pytest.raises(SystemExit) as exc:
+            cli_main([sub, "--help"])
+        assert exc.value.code == 0
+        assert "--ckpt_path" in capsys.readouterr().out
