@@ -158,6 +158,8 @@ def main() -> None:
     preset = PRESETS[args.preset]
     reps = args.reps or preset.reps
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.preset == "7b" and device == "cpu":
+        parser.error("--preset 7b needs a CUDA GPU (a 7B-shaped model in bf16); use the cpu preset here")
     if args.threads:
         torch.set_num_threads(args.threads)
     plain, grounded = build(preset, device)
