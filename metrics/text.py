@@ -31,10 +31,12 @@ _ABBREVIATIONS = frozenset(
     "mr mrs ms dr st jr sr vs inc ltd co corp ave prof ft p.m a.m u.s u.k e.g i.e etc".split()
 )
 _CLOSERS = "\"')]}"  # punkt moves these, when they follow a sentence end, into that sentence
-_NON_WORD = re.compile(r"[)\";}\]*:@'({\[!?]")  # characters that end a punkt word
 _NOT_WORD_START = "(\"`{[:;&#*@)}]-,"
-# A period followed by one of these (no space) still ends a sentence; the rest starts the next one.
-_GLUED_BOUNDARY = re.compile(r"(?<=[^.]\.)(?=[;*:@({\[?!]|[)\"'\]}]+[^)\"'\]}])")
+_SENTENCE_END = re.compile(r"[.?!]")
+_PUNKT_NON_WORD = ")\";}]*:@'({[!?"  # characters that end a punkt word
+_INNER_BREAK = re.compile(r"[?!]|[^.]\.[)\";}\]*:@'({\[!?]")  # a sentence end inside a chunk
+# After a chunk's last sentence-end character, these (no space) start the next sentence.
+_GLUED_START = re.compile(r"[;*:@({\[]|[)\"'\]}]+[^)\"'\]}]")
 _NUMBER = re.compile(r"-?[.,]?\d[\d,.\-]*\.?")
 _INITIAL = re.compile(r"[^\W\d]\.", re.UNICODE)
 
@@ -52,6 +54,13 @@ _PUNCT = [
     (re.compile(r"--"), r" -- "),
     (re.compile(r"([^'])' "), r"\1 ' "),
 ]
+
+
+def _split_groups(match: re.Match[str]) -> str:
+    """Separate the matched groups of a contraction by spaces ("gonna" -> " gon na ")."""
+    return " " + " ".join(g for g in match.groups() if g) + " "
+
+
 _CLOSING = [
     (re.compile(r"([»”’])"), r" \1 "),
     (re.compile(r"''"), " '' "),
@@ -59,8 +68,8 @@ _CLOSING = [
     (re.compile(r"([^' ])('s|'m|'d|') "), r"\1 \2 "),
     (re.compile(r"([^' ])('ll|'re|'ve|n't) "), r"\1 \2 "),
     (re.compile(r"\b(can)(not)\b"), r" \1 \2 "),
-    (re.compile(r"\b(d)('ye)\b|\b(gim)(me)\b|\b(lem)(me)\b"), lambda m: " " + " ".join(g for g in m.groups() if g) + " "),
-    (re.compile(r"\b(gon|wan)(na)(?=\s)|\b(got)(ta)\b|\b(more)('n)\b"), lambda m: " " + " ".join(g for g in m.groups() if g) + " "),
+    (re.compile(r"\b(d)('ye)\b|\b(gim)(me)\b|\b(lem)(me)\b|\b(gon)(na)\b|\b(got)(ta)\b|\b(more)('n)\b"), _split_groups),
+    (re.compile(r"\b(wan)(na)(?=\s)"), r" \1 \2 "),
     (re.compile(r" ('t)(is|was)\b"), r" \1 \2 "),
 ]
 
@@ -81,6 +90,33 @@ def _chunk_tokens(chunk: str, sentence_end: bool) -> tuple[str, ...]:
     return tuple(text.split())
 
 
+def _split_glued(chunk: str, last: bool) -> list[str]:
+    """Split a chunk where punkt starts a new sentence inside it, e.g. ``process.;`` or ``dog.)the``.
+
+    punkt's candidates are ``.``/``?``/``!`` followed by punctuation or by a space and another word
+    (so not at the end of the text); of several candidates in one chunk only the last one counts.
+    """
+    candidates = [
+        m.start()
+        for m in _SENTENCE_END.finditer(chunk)
+        if (m.end() < len(chunk) and chunk[m.end()] in _PUNKT_NON_WORD) or (m.end() == len(chunk) and not last)
+    ]
+    if not candidates or candidates[-1] == len(chunk) - 1:
+        return [chunk]
+    pos = candidates[-1]
+    if chunk[pos] == "." and (pos == 0 or chunk[pos - 1] == "."):  # an ellipsis ends nothing
+        return [chunk]
+    rest = chunk[pos + 1 :]
+    return [chunk[: pos + 1], rest] if _GLUED_START.match(rest) else [chunk]
+
+
+def _last_punkt_word(core: str) -> str:
+    """punkt's last word of ``core``: a non-word character ends a word and may start the next one."""
+    cut = max(core.rfind(ch) for ch in _PUNKT_NON_WORD)
+    word = core if cut < 0 else (core[cut + 1 :] if core[cut] in _NOT_WORD_START else core[cut:])
+    return word.lstrip(_NOT_WORD_START)
+
+
 def _ends_sentence(chunk: str, next_chunk: str | None) -> bool:
     """Whether punkt would end a sentence after ``chunk`` (its final period then splits off)."""
     if next_chunk is None:
@@ -92,12 +128,14 @@ def _ends_sentence(chunk: str, next_chunk: str | None) -> bool:
         # The quote joins this sentence and becomes an opening quote, which the final-period rule
         # does not skip: the period stays attached (nltk: 'reads " special. " the' -> 'special.').
         return False
-    core = _NON_WORD.split(core)[-1].lstrip(_NOT_WORD_START)
-    stem = core[:-1]
+    if _INNER_BREAK.search(core[:-1]):
+        return True  # punkt breaks at the period when its context already holds a sentence end
+    word = _last_punkt_word(core)
+    stem = word[:-1]
     if stem in _ABBREVIATIONS or stem.rsplit("-", 1)[-1] in _ABBREVIATIONS:
         return False
     followed_by_word = chunk.endswith(".")  # no closer between the period and the next chunk
-    if followed_by_word and next_chunk[:1].islower() and (_NUMBER.fullmatch(core) or _INITIAL.fullmatch(core)):
+    if followed_by_word and next_chunk[:1].islower() and (_NUMBER.fullmatch(word) or _INITIAL.fullmatch(word)):
         return False
     return True
 
@@ -108,12 +146,23 @@ def word_tokenize(text: str) -> list[str]:
     >>> word_tokenize("a man's dog, two cats. the cat isn't on the sofa...")
     ['a', 'man', "'s", 'dog', ',', 'two', 'cats', '.', 'the', 'cat', 'is', "n't", 'on', 'the', 'sofa', '...']
     """
-    chunks = [piece for chunk in text.split() for piece in _GLUED_BOUNDARY.split(chunk)]
+    raw = text.split()
+    chunks: list[str] = []
+    for i, chunk in enumerate(raw):
+        if _has_sentence_end(chunk):
+            chunks.extend(_split_glued(chunk, i == len(raw) - 1))
+        else:
+            chunks.append(chunk)
     tokens: list[str] = []
     for i, chunk in enumerate(chunks):
-        nxt = chunks[i + 1] if i + 1 < len(chunks) else None
-        tokens.extend(_chunk_tokens(chunk, _ends_sentence(chunk, nxt)))
+        # Only a chunk ending in a period (maybe before closers) can end a sentence with a split-off period.
+        end = _has_sentence_end(chunk) and _ends_sentence(chunk, chunks[i + 1] if i + 1 < len(chunks) else None)
+        tokens.extend(_chunk_tokens(chunk, end))
     return tokens
+
+
+def _has_sentence_end(chunk: str) -> bool:
+    return "." in chunk or "?" in chunk or "!" in chunk
 
 
 # ---------------------------------------------------------------------------------------------------

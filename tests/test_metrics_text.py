@@ -17,6 +17,8 @@ from metrics.text import singularize, singularize_lemma, word_tokenize
         ("a dog. the cat", ["a", "dog", ".", "the", "cat"]),
         ("a dog.the cat", ["a", "dog.the", "cat"]),  # no space: punkt sees no sentence end
         ("crafting process.; furthermore", ["crafting", "process", ".", ";", "furthermore"]),
+        ("a dog.)the cat", ["a", "dog", ".", ")", "the", "cat"]),
+        ("its paw.)s. there", ["its", "paw.", ")", "s", ".", "there"]),  # only a chunk's last end counts
         ('reads " special. " the bus', ["reads", "``", "special.", "``", "the", "bus"]),
         ('highway 395." the', ["highway", "395", ".", "''", "the"]),
         ("which is 10:21. been the", ["which", "is", "10:21.", "been", "the"]),  # number + lower-case word
