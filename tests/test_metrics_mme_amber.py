@@ -114,3 +114,19 @@ def test_amber_reads_responses(tmp_path: Path) -> None:
     path.write_text(json.dumps([{"id": 1, "response": "A dog."}, {"id": 3, "response": "A car."}]))
     assert read_amber_responses(path) == ([1, 3], ["A dog.", "A car."])
     assert isinstance(load_amber_annotations(*write_amber(tmp_path / "a")), AmberAnnotations)
+
+
+def test_forward_returns_the_batch_value_and_accumulates(tmp_path: Path) -> None:
+    subtasks, images, labels, predictions = read_mme_results(write_mme_folder(tmp_path / "results"))
+    metric = MME()
+    batch = metric(subtasks[:4], images[:4], labels[:4], predictions[:4])
+    assert {k: v.item() for k, v in batch.items()} == {k: v.item() for k, v in mme(subtasks[:4], images[:4], labels[:4], predictions[:4]).items()}
+    metric(subtasks[4:], images[4:], labels[4:], predictions[4:])
+    assert metric.compute()["total"].item() == mme(subtasks, images, labels, predictions)["total"].item()
+
+    annotations = load_amber_annotations(*write_amber(tmp_path / "amber"))
+    responses = ["A puppy under a tree.", "A car and a man."]
+    metric = AMBER(annotations)
+    assert metric([1], responses[:1])["CHAIR"].item() == amber([1], responses[:1], annotations)["CHAIR"].item()
+    metric([3], responses[1:])
+    assert {k: v.item() for k, v in metric.compute().items()} == {k: v.item() for k, v in amber([1, 3], responses, annotations).items()}
