@@ -74,9 +74,7 @@ class CaptionResult:
 
 
 def _as_ground_truth(ground_truth: Mapping[Any, Any], mode: Mode) -> GroundTruth:
-    """Accept an already-normalised mapping (frozensets) as is; normalise anything else."""
-    if all(isinstance(v, frozenset) for v in ground_truth.values()):
-        return dict(ground_truth)  # type: ignore[arg-type]
+    """Ids normalised (digit strings -> int) and names mapped to node words (cheap: a dict lookup each)."""
     return normalize_ground_truth(ground_truth, mode)
 
 
