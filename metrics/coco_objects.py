@@ -171,7 +171,7 @@ class ObjectParser:
     >>> parser("Two men ride motor bikes past a passenger train and a hot dog stand.").objects
     ('person', 'train', 'hot dog')
     >>> parser("A bus next to wine glasses and a glass.").objects, ObjectParser("lemma")("A bus.").objects
-    (('wine glass', 'wine glass'), ('bus',))
+    (('wine glass',), ('bus',))
     """
 
     def __init__(self, mode: Mode = "reference") -> None:
