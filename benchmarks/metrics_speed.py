@@ -3,10 +3,13 @@
 * CHAIR: the 500 long captions of an OPERA log (``../shared/reference/opera_chair/``), ground truth
   already loaded. "cold" clears the tokeniser/singulariser caches before every repeat (first contact
   with the text); "warm" keeps them (a validation loop that has seen the vocabulary before).
+* CHAIR ground truth at COCO-2014 scale (``--coco-scale``): synthetic ``instances``/``captions`` files
+  with 123,287 images, ~600k human-like captions (sentences of the OPERA logs) and ~860k instances;
+  time to build the ground truth, and to load it back from the disk cache.
 * POPE: 9000 answers (3 splits x 3000, the size of COCO POPE) in varied wording, official and robust
   parsers, through the functional form and the ``Metric`` in batches of 64.
 
-    taskset -c 0 python benchmarks/metrics_speed.py [--log llava-1.5_greedy] [--repeats 5]
+    taskset -c 0 python benchmarks/metrics_speed.py [--log llava-1.5_greedy] [--repeats 5] [--coco-scale]
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +27,8 @@ from pathlib import Path
 import torch
 
 from metrics.chair import CHAIR, chair
-from metrics.chair_gt import load_gt_objects
+from metrics.chair_gt import build_coco_ground_truth, load_gt_objects
+from metrics.coco_objects import COCO_CATEGORIES
 from metrics.pope import POPE, pope
 from metrics.text import _chunk_tokens, singularize, singularize_lemma
 
@@ -71,6 +77,41 @@ def bench_chair(log: str, repeats: int) -> list[str]:
     return lines
 
 
+def bench_coco_scale(num_images: int = 123_287) -> list[str]:
+    rng = random.Random(0)
+    sentences = sorted({
+        sentence.strip() + "."
+        for path in sorted(REFERENCE.glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+        for sentence in re.split(r"[.\n]", json.loads(line)["caption"])
+        if 5 <= len(sentence.split()) <= 20
+    })
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(COCO_CATEGORIES)]
+    images = [{"id": i} for i in range(num_images)]
+    instances = {"images": images, "categories": categories, "annotations": [
+        {"id": k, "image_id": i, "category_id": rng.randint(1, 80)} for k, i in enumerate(rng.choices(range(num_images), k=7 * num_images))]}
+    captions = {"images": images, "annotations": [
+        {"id": i * 5 + j, "image_id": i, "caption": rng.choice(sentences)} for i in range(num_images) for j in range(5)]}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "instances_train2014.json").write_text(json.dumps(instances))
+        (folder / "captions_train2014.json").write_text(json.dumps(captions))
+        size = sum(p.stat().st_size for p in folder.iterdir()) / 2**20
+        _clear_caches()
+        start = time.perf_counter()
+        build_coco_ground_truth(folder, cache_dir=folder / "cache")
+        built = time.perf_counter() - start
+        start = time.perf_counter()
+        build_coco_ground_truth(folder, cache_dir=folder / "cache")
+        loaded = time.perf_counter() - start
+    return [
+        f"CHAIR ground truth, COCO scale: {num_images} images, {len(captions['annotations'])} captions, "
+        f"{len(instances['annotations'])} instances ({size:.0f} MiB of JSON)",
+        f"  build (parse every human caption) + write cache: {built:6.1f} s",
+        f"  load from the disk cache:                      {loaded:6.1f} s",
+    ]
+
+
 ANSWER_TEMPLATES = [
     "Yes", "No", "Yes, there is a {o} in the image.", "No, there is no {o} in the image.",
     "There is a {o} in the image.", "There is not a {o} in the image.", "I don't see a {o}.", "NO",
@@ -103,11 +144,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--log", default="llava-1.5_greedy", help="OPERA log name in ../shared/reference/opera_chair")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--coco-scale", action="store_true", help="also time ground-truth building at COCO-2014 scale")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if not (REFERENCE / "gt_objects.json").is_file():
         raise SystemExit(f"reference data not found at {REFERENCE}")
-    for line in bench_chair(args.log, args.repeats) + bench_pope(args.repeats):
+    lines = bench_chair(args.log, args.repeats) + bench_pope(args.repeats)
+    if args.coco_scale:
+        lines += bench_coco_scale()
+    for line in lines:
         print(line)
 
 
