@@ -83,7 +83,7 @@ class GroundingConfig:
 
 
 class GroundingGate(nn.Module):
-    """Per-layer gate parameters: ``log g = logsigmoid(scale * G + bias)``; the MLP of the learnable score."""
+    """Per-layer gate parameters (``g = sigmoid(scale * G + bias)``) and the MLP of the learnable score."""
 
     def __init__(self, config: GroundingConfig, feature_dim: int) -> None:
         super().__init__()
@@ -107,8 +107,8 @@ class GroundingGate(nn.Module):
         return torch.tanh(self.mlp(torch.cat([token, attended], dim=-1)).squeeze(-1))
 
     def forward(self, score: Tensor) -> Tensor:
-        """(B, T) grounding score -> (B, T) log gate."""
-        return F.logsigmoid(self.scale.to(score.dtype) * score + self.bias.to(score.dtype))
+        """(B, T) grounding score -> (B, T) gate logit ``scale * G + bias`` (``g = sigmoid(logit)``)."""
+        return self.scale.to(score.dtype) * score + self.bias.to(score.dtype)
 
 
 @dataclass
@@ -134,10 +134,12 @@ class GroundingRecorder:
 
     def __init__(self) -> None:
         self.calls: dict[int, list[Tensor]] = {}
+        self.logits: dict[int, list[Tensor]] = {}  # gate logits scale * G + bias, NaN where undefined
         self._token: contextvars.Token | None = None
 
-    def add(self, layer: int, scores: Tensor) -> None:
+    def add(self, layer: int, scores: Tensor, logits: Tensor) -> None:
         self.calls.setdefault(layer, []).append(scores)
+        self.logits.setdefault(layer, []).append(logits)
 
     @property
     def layers(self) -> list[int]:
@@ -148,10 +150,19 @@ class GroundingRecorder:
 
     def clear(self) -> None:
         self.calls.clear()
+        self.logits.clear()
 
     def forward_scores(self, layer: int) -> Tensor:
         """The (B, T) scores of a single forward pass."""
-        calls = self.calls[layer]
+        return self._single(self.calls, layer)
+
+    def forward_logits(self, layer: int) -> Tensor:
+        """The (B, T) gate logits of a single forward pass."""
+        return self._single(self.logits, layer)
+
+    @staticmethod
+    def _single(store: dict[int, list[Tensor]], layer: int) -> Tensor:
+        calls = store[layer]
         if len(calls) != 1:
             raise RuntimeError(f"layer {layer} was called {len(calls)} times; use sequence_scores() for generate()")
         return calls[0]
@@ -337,7 +348,8 @@ def grounded_attention_forward(
     positions, pos_valid = state.image_index(b, query.device)  # (B, P)
     if positions.shape[1] == 0:  # no image in the batch (text-only): nothing to ground
         if state.recorder is not None and state.recording:
-            state.recorder.add(meta.layer, query.new_full((b, t), float("nan"), dtype=torch.float32))
+            undefined = query.new_full((b, t), float("nan"), dtype=torch.float32)
+            state.recorder.add(meta.layer, undefined, undefined)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     # image-key features are fixed once computed: reuse them across decoding steps (inference only)
@@ -378,13 +390,15 @@ def grounded_attention_forward(
         out = _attended(module, query, key, v_img, attention_mask, attn_kwargs).float()  # (B, T, D+1)
         mass = out[..., -1:].clamp_min(1e-6)  # attention on image keys
         score = gate.learned_score(F.normalize(f_q, dim=-1), F.normalize(out[..., :-1] / mass, dim=-1))
-    log_g = gate(score).masked_fill(~valid, 0.0)  # (B, T); 0 = no change for image/imageless queries
+    logit = gate(score)  # (B, T)
+    log_g = F.logsigmoid(logit).masked_fill(~valid, 0.0)  # 0 = no change for image/imageless queries
 
     if state.recorder is not None:
         # same ops in a checkpoint recompute (which must not record again) as in the forward
-        recorded = score.masked_fill(~valid, float("nan"))
+        undefined = ~valid
+        recorded = (score.masked_fill(undefined, float("nan")), logit.masked_fill(undefined, float("nan")))
         if state.recording:
-            state.recorder.add(meta.layer, recorded)
+            state.recorder.add(meta.layer, *recorded)
 
     bias = (log_g[:, None, :, None] * key_img[:, None, None, :]).to(query.dtype)  # (B, 1, T, S)
     position_bias = kwargs.pop("position_bias", None)

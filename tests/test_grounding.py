@@ -62,8 +62,9 @@ def test_bias_form_equals_renormalised_gate(score: str) -> None:
     )  # (B, T, H, d)
     g_score = rec.forward_scores(attn._grounding_meta.layer)  # (B, T), NaN where undefined
     gate = getattr(attn, GATE_ATTR)
-    g = torch.sigmoid(gate.scale * g_score.nan_to_num(0.0) + gate.bias)
-    g = torch.where(g_score.isnan(), torch.ones_like(g), g)  # (B, T)
+    logit = gate.scale * g_score.nan_to_num(0.0) + gate.bias
+    torch.testing.assert_close(rec.forward_logits(attn._grounding_meta.layer), logit.masked_fill(g_score.isnan(), float("nan")), equal_nan=True)
+    g = torch.where(g_score.isnan(), torch.ones_like(logit), torch.sigmoid(logit))  # (B, T)
     probs = _explicit_probs(q, k, attn.scaling)  # (B, H, T, S)
     column_gate = torch.where(image[:, None, None, :], g[:, None, :, None], torch.ones_like(probs))
     gated = probs * column_gate

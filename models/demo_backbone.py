@@ -1,0 +1,163 @@
+"""The offline demo backbone: a tiny LLaVA (CLIP vision tower + Llama) with its own tokenizer and processor.
+
+Everything is built from config on the synthetic world's text and saved with ``save_pretrained``, so the
+suite then loads it through the same ``from_pretrained`` path as ``llava-hf/llava-1.5-13b-hf``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+BUILD_INFO = "demo_backbone.json"
+
+
+@dataclass
+class TinyLlavaConfig:
+    """Sizes of the demo backbone (DESIGN.md section 7: 0.47M parameters learn the world in minutes)."""
+
+    image_size: int = 32
+    patch_size: int = 4
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    vocab_size: int = 384
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"TinyLlavaConfig.image_size ({self.image_size}) must be a multiple of patch_size")
+        for name in ("vision_hidden", "text_hidden"):
+            if getattr(self, name) % 4:
+                raise ValueError(f"TinyLlavaConfig.{name} must be a multiple of 4 (4 heads)")
+        if self.text_hidden % self.text_heads:
+            raise ValueError("TinyLlavaConfig.text_hidden must be a multiple of text_heads")
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Lower-casing BPE over words and punctuation (offsets map back to the raw text); adds BOS."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.BPEDecoder()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, end_of_word_suffix="</w>")
+    tok.model = models.BPE(unk_token="<unk>", end_of_word_suffix="</w>")
+    tok.train_from_iterator(texts, trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="right",
+    )
+    return fast
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast, config: TinyLlavaConfig) -> LlavaProcessor:
+    size = config.image_size
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.patch_size,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
+    )
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, config: TinyLlavaConfig) -> LlavaForConditionalGeneration:
+    import torch
+
+    vision = CLIPVisionConfig(
+        hidden_size=config.vision_hidden,
+        intermediate_size=4 * config.vision_hidden,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=4,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        projection_dim=config.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.text_hidden,
+        intermediate_size=4 * config.text_hidden,
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        num_key_value_heads=config.text_heads,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    llava = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=config.image_tokens,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(config.seed)
+    model = LlavaForConditionalGeneration(llava)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def build_demo_backbone(texts: Iterable[str], out_dir: str | Path, config: TinyLlavaConfig | None = None) -> Path:
+    """Train the tokenizer on ``texts``, build processor + random model, save all three into ``out_dir``.
+
+    Idempotent: an ``out_dir`` built with the same config is reused; a different config is an error.
+    """
+    config = config or TinyLlavaConfig()
+    out_dir = Path(out_dir)
+    info_path = out_dir / BUILD_INFO
+    if info_path.is_file():
+        saved = json.loads(info_path.read_text())
+        if saved != asdict(config):
+            raise ValueError(
+                f"{out_dir} holds a demo backbone built with {saved}, not {asdict(config)}: "
+                "delete it or choose another directory"
+            )
+        return out_dir
+    tokenizer = train_tokenizer(texts, config.vocab_size)
+    processor = build_processor(tokenizer, config)
+    model = build_model(tokenizer, config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    processor.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
+    info_path.write_text(json.dumps(asdict(config), indent=2))  # last: marks a complete build
+    return out_dir
