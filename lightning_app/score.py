@@ -168,7 +168,10 @@ def _run_amber(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lightning_app score", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_app score",
+        description="Score caption / answer files with CHAIR, POPE, MME or AMBER; build POPE question sets.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("chair", help="CHAIR of a caption file (JSON Lines or JSON list)")
