@@ -1,11 +1,13 @@
 """The suite's CLI: LightningCLI subcommands (fit/validate/test/predict) plus ``score``.
 
 ``score`` scores caption/answer files from any tool (see :mod:`lightning_app.score`); every other
-subcommand is LightningCLI with the model and datamodule given as ``class_path``/``init_args``.
+subcommand is LightningCLI (:class:`lightning_app.suite_cli.SuiteCLI`) with the model and datamodule given
+as ``class_path``/``init_args``. After ``fit`` and ``validate`` the validation report is printed.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -16,10 +18,13 @@ def main(args: list[str] | None = None) -> None:
 
         score_main(argv[1:])
         return
+    if "WANDB_API_KEY" not in os.environ:
+        os.environ.setdefault("WANDB_MODE", "offline")  # wandb never asks for a login
     from lightning.pytorch import LightningDataModule, LightningModule
-    from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
+    from lightning_app.suite_cli import SuiteCLI
+
+    SuiteCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
