@@ -1,0 +1,423 @@
+"""GroundedVLM: the LightningModule that trains and validates a grounded VLM.
+
+Loss (DESIGN.md section 4): ``L = L_LM(positive) + lambda_grounding * L_grounding + lambda_contrastive *
+L_contrastive``. Negative captions feed only the grounding and contrastive terms. Validation generates
+captions (CHAIR) and yes/no answers (POPE), tracks how often the data's biased companions are named where
+absent, and writes ``report.json`` / ``report.md`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from models.backbones import add_grounding, save_grounding
+from models.grounding import GroundingConfig, GroundingRecorder
+
+log = logging.getLogger(__name__)
+IGNORE = -100
+
+
+@dataclass
+class ObjectiveConfig:
+    """Weights and kinds of the grounding terms.
+
+    Args:
+        lambda_grounding: weight of ``L_grounding``.
+        lambda_contrastive: weight of ``L_contrastive``.
+        grounding_loss: ``direct`` (-mean G over caption tokens), ``object`` (-mean G over object words) or
+            ``bce`` (BCE of the gate against labels: 1 on grounded object words, 0 on hallucinated ones).
+        margin: of ``relu(margin - (mean_obj G(pos) - mean_obj G(neg)))``.
+    """
+
+    lambda_grounding: float = 0.1
+    lambda_contrastive: float = 0.1
+    grounding_loss: Literal["direct", "object", "bce"] = "bce"
+    margin: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.grounding_loss not in ("direct", "object", "bce"):
+            raise ValueError(f"ObjectiveConfig.grounding_loss must be direct, object or bce, got {self.grounding_loss!r}")
+        for name in ("lambda_grounding", "lambda_contrastive", "margin"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class LoraSettings:
+    """peft LoRA on the language model; grounding gates are always trained and saved with it."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationSettings:
+    caption_max_new_tokens: int = 32
+    answer_max_new_tokens: int = 4
+    num_beams: int = 1
+
+
+def nanmean_layers(recorder: GroundingRecorder, logits: bool = False) -> Tensor:
+    """(B, T) mean over grounded layers of the recorded scores (or gate logits) of one forward."""
+    read = recorder.forward_logits if logits else recorder.forward_scores
+    return torch.stack([read(layer) for layer in recorder.layers]).mean(0)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` (and values defined); 0 with a zero gradient if none."""
+    mask = mask & ~values.isnan()
+    if not bool(mask.any()):
+        return values.nan_to_num(0.0).sum() * 0.0
+    return values[mask].mean()
+
+
+def grounding_loss(kind: str, scores: Tensor, logits: Tensor, labels: Tensor, object_labels: Tensor,
+                   neg_logits: Tensor | None, neg_labels: Tensor | None) -> Tensor:
+    """L_grounding of a batch: scores/logits (B, T) of the positive pass, labels -100 outside the caption."""
+    if kind == "direct":
+        return -masked_mean(scores, labels != IGNORE)
+    if kind == "object":
+        return -masked_mean(scores, object_labels == 1)
+    values, targets = [logits[object_labels == 1]], [torch.ones_like(logits[object_labels == 1])]
+    if neg_logits is not None and neg_labels is not None:
+        keep = neg_labels != IGNORE
+        values.append(neg_logits[keep])
+        targets.append(neg_labels[keep].to(neg_logits.dtype))
+    z, y = torch.cat(values), torch.cat(targets)
+    defined = ~z.isnan()
+    if not bool(defined.any()):
+        return logits.nan_to_num(0.0).sum() * 0.0
+    return F.binary_cross_entropy_with_logits(z[defined], y[defined])
+
+
+def contrastive_loss(pos_scores: Tensor, object_labels: Tensor, neg_scores: Tensor, neg_labels: Tensor,
+                     neg_index: Tensor, margin: float) -> Tensor:
+    """mean over pairs of relu(margin - (mean G over positive object words - mean G over hallucinated words))."""
+    terms = []
+    for pair, row in enumerate(neg_index.tolist()):
+        pos = pos_scores[row][(object_labels[row] == 1) & ~pos_scores[row].isnan()]
+        neg = neg_scores[pair][(neg_labels[pair] == 0) & ~neg_scores[pair].isnan()]
+        if pos.numel() and neg.numel():
+            terms.append(F.relu(margin - (pos.mean() - neg.mean())))
+    if not terms:
+        return pos_scores.nan_to_num(0.0).sum() * 0.0
+    return torch.stack(terms).mean()
+
+
+class GroundedVLM(LightningModule):
+    """Any registry backbone (``models.BACKBONES``), grounded or plain, optionally with LoRA.
+
+    Args:
+        backbone: hub id or local directory for ``from_pretrained`` (model and processor).
+        grounding: ``GroundingConfig``; ``enabled: false`` keeps the identical code path with inert gates.
+        objective: the loss weights; both lambdas must be 0 when grounding is disabled.
+        lora: peft LoRA settings, or null for full fine-tuning.
+        freeze_vision: freeze the vision tower (and Q-Former).
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` for loading the backbone.
+        gradient_checkpointing: non-reentrant activation checkpointing of the language model.
+        generation: lengths and beams of validation generation.
+        chair_mode: ``reference`` or ``lemma`` (see docs/metrics.md).
+        report_examples: captions shown in the report.
+        trust_remote_code: passed to ``from_pretrained``; off unless you set it.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        grounding: GroundingConfig | None = None,
+        objective: ObjectiveConfig | None = None,
+        lora: LoraSettings | None = None,
+        freeze_vision: bool = False,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        gradient_checkpointing: bool = False,
+        generation: GenerationSettings | None = None,
+        chair_mode: Literal["reference", "lemma"] = "reference",
+        report_examples: int = 6,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.grounding = grounding if grounding is not None else GroundingConfig(enabled=False)
+        self.objective = objective if objective is not None else ObjectiveConfig()
+        if not self.grounding.enabled and (self.objective.lambda_grounding or self.objective.lambda_contrastive):
+            raise ValueError(
+                "model.grounding.enabled is false but model.objective.lambda_grounding/lambda_contrastive are "
+                "non-zero: the grounding terms would be computed from inert gates; set both lambdas to 0"
+            )
+        self.backbone, self.lora, self.freeze_vision = backbone, lora, freeze_vision
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        self.dtype_name, self.gradient_checkpointing = dtype, gradient_checkpointing
+        self.generation = generation or GenerationSettings()
+        self.chair_mode, self.report_examples, self.trust_remote_code = chair_mode, report_examples, trust_remote_code
+        # plain values only: checkpoints must load with torch.load(weights_only=True)
+        self.save_hyperparameters(
+            {
+                "backbone": backbone,
+                "grounding": asdict(self.grounding),
+                "objective": asdict(self.objective),
+                "lora": asdict(lora) if lora else None,
+                "freeze_vision": freeze_vision,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "warmup_steps": warmup_steps,
+                "dtype": dtype,
+                "gradient_checkpointing": gradient_checkpointing,
+                "generation": asdict(self.generation),
+                "chair_mode": chair_mode,
+            }
+        )
+        self.model: torch.nn.Module | None = None
+        self.tokenizer = None
+        self._examples: list[dict] = []
+        self.last_report: dict | None = None
+
+    # ----------------------------------------------------------------- model
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        path = Path(self.backbone)
+        if (path.is_absolute() or self.backbone.startswith(".")) and not path.exists():
+            raise FileNotFoundError(f"model.backbone: no such directory {path}")
+        model = AutoModelForImageTextToText.from_pretrained(
+            self.backbone, dtype=getattr(torch, self.dtype_name), trust_remote_code=self.trust_remote_code
+        )
+        add_grounding(model, self.grounding)
+        if self.freeze_vision:
+            for name, module in model.named_children():
+                if name in ("vision_tower", "vision_model", "qformer") or (
+                    name == "model" and hasattr(module, "vision_tower")
+                ):
+                    target = module.vision_tower if name == "model" else module
+                    target.requires_grad_(False)
+        if self.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
+                    target_modules=self.lora.target_modules,
+                    modules_to_save=["grounding_gate", *self.lora.modules_to_save],
+                ),
+            )
+        if self.gradient_checkpointing:
+            base = model.get_base_model() if self.lora is not None else model
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model
+        self.tokenizer = AutoProcessor.from_pretrained(self.backbone).tokenizer
+
+    def _base(self) -> torch.nn.Module:
+        return self.model.get_base_model() if self.lora is not None else self.model
+
+    # ----------------------------------------------------------------- training
+    def _model_inputs(self, batch: dict, prefix: str = "") -> dict:
+        skip = {"labels", "object_labels", "neg_input_ids", "neg_attention_mask", "neg_object_labels", "neg_index",
+                "image_ids", "question_ids", "targets"}
+        return {k: v for k, v in batch.items() if k not in skip}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        grounded = self.grounding.enabled
+        rec = GroundingRecorder() if grounded else None
+        extra = {"grounding_scores": rec} if grounded else {}
+        out = self.model(**self._model_inputs(batch), labels=batch["labels"], **extra)
+        loss, lm = out.loss, out.loss.detach()
+        logs = {"train/lm": lm}
+        lam_g, lam_c = self.objective.lambda_grounding, self.objective.lambda_contrastive
+        if grounded and (lam_g or lam_c):
+            scores, logits = nanmean_layers(rec), nanmean_layers(rec, logits=True)
+            neg_scores = neg_logits = None
+            if "neg_input_ids" in batch:
+                neg_rec = GroundingRecorder()
+                index = batch["neg_index"]
+                neg_inputs = {k: v[index] for k, v in self._model_inputs(batch).items()
+                              if k not in ("input_ids", "attention_mask")}
+                self.model(input_ids=batch["neg_input_ids"], attention_mask=batch["neg_attention_mask"],
+                           logits_to_keep=1, grounding_scores=neg_rec, **neg_inputs)
+                neg_scores, neg_logits = nanmean_layers(neg_rec), nanmean_layers(neg_rec, logits=True)
+            l_g = grounding_loss(self.objective.grounding_loss, scores, logits, batch["labels"],
+                                 batch["object_labels"], neg_logits, batch.get("neg_object_labels"))
+            loss = loss + lam_g * l_g
+            logs["train/grounding"] = l_g.detach()
+            if neg_scores is not None:
+                l_c = contrastive_loss(scores, batch["object_labels"], neg_scores, batch["neg_object_labels"],
+                                       batch["neg_index"], self.objective.margin)
+                loss = loss + lam_c * l_c
+                logs["train/contrastive"] = l_c.detach()
+            logs["train/score_objects"] = masked_mean(scores.detach(), batch["object_labels"] == 1)
+        logs["train/loss"] = loss.detach()
+        self.log_dict(logs, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        warmup = max(self.warmup_steps, 0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- validation
+    def setup(self, stage: str) -> None:
+        from metrics import CHAIR, POPE
+
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "chair_ground_truth"):
+            raise ValueError("GroundedVLM validation needs a datamodule with chair_ground_truth()")
+        if stage in ("fit", "validate"):
+            self.chair = CHAIR(datamodule.chair_ground_truth(), mode=self.chair_mode, return_details=True)
+            self.pope = POPE()
+            self.probes = datamodule.hallucination_probes()
+
+    def _generate(self, batch: dict, max_new_tokens: int) -> list[str]:
+        inputs = self._model_inputs(batch)
+        out = self.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=self.generation.num_beams,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        new = out[:, inputs["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=True)]
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0:
+            captions = self._generate(batch, self.generation.caption_max_new_tokens)
+            self.chair.update(captions, batch["image_ids"])
+            room = self.report_examples - len(self._examples)
+            self._examples += [{"image_id": i, "caption": c} for i, c in zip(batch["image_ids"], captions)][:max(room, 0)]
+        else:
+            answers = self._generate(batch, self.generation.answer_max_new_tokens)
+            self.pope.update(answers, batch["targets"])
+
+    def on_validation_epoch_end(self) -> None:
+        chair = {k: float(v) for k, v in self.chair.compute().items()}
+        details = self.chair.details()
+        pope = {k: float(v) for k, v in self.pope.compute().items()} if int(self.pope.tp + self.pope.fp + self.pope.tn + self.pope.fn) else {}
+        probes = probe_rates(details, self.chair.ground_truth, self.probes)
+        metrics = {f"val/{k}": v for k, v in chair.items()}
+        metrics.update({f"val/pope_{k}": v for k, v in pope.items() if k in ("accuracy", "precision", "recall", "f1", "yes_ratio")})
+        for name, probe in probes.items():
+            metrics[f"val/halluc_{name}"] = probe["rate_absent_with_anchor"]
+        self.log_dict(metrics, prog_bar=False, sync_dist=False, rank_zero_only=True)
+        self.chair.reset()
+        self.pope.reset()
+        if self.trainer.sanity_checking:
+            self._examples = []
+            return
+        by_id = {d["image_id"]: d for d in details}
+        examples = [{**e, **{k: by_id.get(e["image_id"], {}).get(k, []) for k in ("mentioned_objects", "hallucinated_objects")},
+                     "gt_objects": sorted(self.chair.ground_truth.get(e["image_id"], []))} for e in self._examples]
+        self._examples = []
+        self.last_report = {
+            "epoch": self.current_epoch,
+            "step": self.global_step,
+            "chair": chair,
+            "pope": pope,
+            "probes": probes,
+            "settings": self._settings(),
+            "examples": examples,
+        }
+        if self.trainer.is_global_zero:
+            write_report(self.last_report, self.run_dir())
+
+    def run_dir(self) -> Path:
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def _settings(self) -> dict:
+        return {
+            "backbone": self.backbone,
+            "grounding": asdict(self.grounding),
+            "objective": asdict(self.objective),
+            "lora": asdict(self.lora) if self.lora else None,
+            "freeze_vision": self.freeze_vision,
+            "lr": self.lr,
+            "chair_mode": self.chair_mode,
+        }
+
+    def on_train_end(self) -> None:
+        if self.trainer.is_global_zero and self.grounding.enabled:
+            save_grounding(self._base(), self.run_dir() / "grounding")
+
+
+def probe_rates(details: list[dict], ground_truth: dict, probes: list[tuple[str, str]]) -> dict[str, dict]:
+    """How often a caption names the companion where it is absent: with the anchor present, and elsewhere."""
+    out = {}
+    for anchor, companion in probes:
+        with_anchor = [d for d in details if anchor in ground_truth[d["image_id"]] and companion not in ground_truth[d["image_id"]]]
+        elsewhere = [d for d in details if anchor not in ground_truth[d["image_id"]] and companion not in ground_truth[d["image_id"]]]
+        present = [d for d in details if companion in ground_truth[d["image_id"]]]
+
+        def rate(rows: list[dict]) -> float:
+            return sum(companion in d["mentioned_objects"] for d in rows) / len(rows) if rows else float("nan")
+
+        out[f"{anchor}->{companion}"] = {
+            "rate_absent_with_anchor": rate(with_anchor),
+            "n_absent_with_anchor": len(with_anchor),
+            "rate_absent_elsewhere": rate(elsewhere),
+            "n_absent_elsewhere": len(elsewhere),
+            "recall_when_present": rate(present),
+            "n_present": len(present),
+        }
+    return out
+
+
+def write_report(report: dict, run_dir: Path) -> None:
+    """``report.json`` and a readable ``report.md`` (hallucinated objects marked) in ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (run_dir / "report.md").write_text(report_markdown(report))
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:.1f}"
+
+
+def report_markdown(report: dict) -> str:
+    chair, pope = report["chair"], report["pope"]
+    lines = [
+        f"# Validation report (epoch {report['epoch']}, step {report['step']})",
+        "",
+        f"Backbone `{report['settings']['backbone']}`, grounding "
+        f"{'on' if report['settings']['grounding']['enabled'] else 'off'}.",
+        "",
+        "| CHAIRs | CHAIRi | Recall | POPE acc | POPE F1 | POPE yes-ratio |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {_pct(chair['CHAIRs'])} | {_pct(chair['CHAIRi'])} | {_pct(chair['Recall'])} | "
+        f"{_pct(pope.get('accuracy', float('nan')))} | {_pct(pope.get('f1', float('nan')))} | "
+        f"{_pct(pope.get('yes_ratio', float('nan')))} |",
+        "",
+    ]
+    if report["probes"]:
+        lines += [
+            "Biased companion named where absent (%):",
+            "",
+            "| anchor -> companion | with anchor | elsewhere | named when present |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for name, p in report["probes"].items():
+            lines.append(
+                f"| {name} | {_pct(p['rate_absent_with_anchor'])} (n={p['n_absent_with_anchor']}) | "
+                f"{_pct(p['rate_absent_elsewhere'])} (n={p['n_absent_elsewhere']}) | "
+                f"{_pct(p['recall_when_present'])} (n={p['n_present']}) |"
+            )
+        lines.append("")
+    if report["examples"]:
+        lines += ["Examples (hallucinated objects in **bold**):", ""]
+        for e in report["examples"]:
+            hallucinated = ", ".join(f"**{o}**" for o in e["hallucinated_objects"]) or "none"
+            lines.append(f"- image {e['image_id']}: \"{e['caption']}\" (gt: {', '.join(e['gt_objects'])}; hallucinated: {hallucinated})")
+    return "\n".join(lines) + "\n"
