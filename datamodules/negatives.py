@@ -391,13 +391,13 @@ def _object_swap(source: str, words: list[_Word], found: list[_Found], absent: l
         choices = [c for c in absent if _category_form(c, mention.plural) is not None]
         if not choices:
             continue
-        new = rng.choice(choices)
-        word = _match_case(mention.text, _category_form(new, mention.plural) or "")
-        det = found[k].first - 1 if found[k].first > 0 else None
-        edits = [*_set_article(words, det, word, source), (mention.start, mention.end, word)]
-        negative = _negative(source, "object_swap", edits, (new,))
-        if _check(negative, [*categories[:k], new, *categories[k + 1 :]], k):
-            return negative
+        for new in rng.sample(choices, len(choices)):  # the first draw nearly always passes the check
+            word = _match_case(mention.text, _category_form(new, mention.plural) or "")
+            det = found[k].first - 1 if found[k].first > 0 else None
+            edits = [*_set_article(words, det, word, source), (mention.start, mention.end, word)]
+            negative = _negative(source, "object_swap", edits, (new,))
+            if _check(negative, [*categories[:k], new, *categories[k + 1 :]], k):
+                return negative
     return None
 
 
@@ -416,13 +416,13 @@ def _object_insertion(source: str, words: list[_Word], found: list[_Found], abse
     if not choices:
         return None
     for at, index, after in rng.sample(places, len(places)):
-        new = rng.choice(choices)
-        noun = _category_form(new, False) or ""
-        phrase = f"{_article(noun)} {noun}"
-        inserted = f" and {phrase}" if after else f"{phrase} and "
-        negative = _negative(source, "object_insertion", [(at, at, inserted)], (new,))
-        if _check(negative, [*categories[:index], new, *categories[index:]], index):
-            return negative
+        for new in rng.sample(choices, len(choices)):
+            noun = _category_form(new, False) or ""
+            phrase = f"{_article(noun)} {noun}"
+            inserted = f" and {phrase}" if after else f"{phrase} and "
+            negative = _negative(source, "object_insertion", [(at, at, inserted)], (new,))
+            if _check(negative, [*categories[:index], new, *categories[index:]], index):
+                return negative
     return None
 
 
