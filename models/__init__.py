@@ -10,9 +10,14 @@ from models.backbones import (
     set_grounding_enabled,
 )
 from models.grounding import GroundingConfig, GroundingRecorder, GroundingState
+from models.module import GenerationSettings, GroundedVLM, LoraSettings, ObjectiveConfig
 
 __all__ = [
     "BACKBONES",
+    "GenerationSettings",
+    "GroundedVLM",
+    "LoraSettings",
+    "ObjectiveConfig",
     "GroundingConfig",
     "GroundingRecorder",
     "GroundingState",

@@ -1,0 +1,592 @@
+"""CaptionPairsDataModule: positive/negative caption pairs and yes/no questions, collated for any backbone.
+
+Training rows come from COCO-format ``captions_{split}.json`` + ``instances_{split}.json`` (negatives made by
+``datamodules.negatives``), or from the source design's pair JSON (``image_id, image_path, positive_caption,
+negative_caption, hallucinated_objects, grounding_labels``), plus optional ``questions_{split}.jsonl``
+(POPE format) as yes/no instructions. Prepared rows are cached with Hugging Face ``datasets``.
+
+Validation has two loaders: 0 = one captioning prompt per image (CHAIR), 1 = the split's questions (POPE).
+With ``world`` set, the synthetic world is generated into ``coco_dir`` first; with ``demo_backbone`` set, the
+tiny demo backbone (tokenizer trained on the world's text) is built into ``processor``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.world import WorldConfig
+from models.demo_backbone import TinyLlavaConfig
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 2
+IGNORE = -100
+
+
+def read_json(path: Path) -> Any:
+    """JSON with errors that name the file and line."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: malformed JSON at line {number}: {err.msg}") from None
+    return rows
+
+
+def _coco_file(coco_dir: Path, kind: str, split: str) -> Path:
+    for folder in (coco_dir / "annotations", coco_dir):
+        path = folder / f"{kind}_{split}.json"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{coco_dir}: no {kind}_{split}.json (looked in annotations/ and the folder itself)")
+
+
+def coco_split(coco_dir: Path, split: str) -> tuple[dict[int, str], dict[int, set[str]], list[dict]]:
+    """(image id -> file name, image id -> instance category names, caption annotations) of one split."""
+    instances = read_json(_coco_file(coco_dir, "instances", split))
+    captions = read_json(_coco_file(coco_dir, "captions", split))
+    files = {img["id"]: img["file_name"] for img in instances["images"]}
+    names = {cat["id"]: cat["name"] for cat in instances["categories"]}
+    present: dict[int, set[str]] = {image_id: set() for image_id in files}
+    for ann in instances["annotations"]:
+        present.setdefault(ann["image_id"], set()).add(names[ann["category_id"]])
+    for img in captions.get("images", []):
+        files.setdefault(img["id"], img["file_name"])
+    return files, present, captions["annotations"]
+
+
+def check_image(path: Path, reference: str, skip_missing: bool) -> bool:
+    """True if ``path`` opens as an image; else an error naming the file and what references it."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        return True
+    except (FileNotFoundError, UnidentifiedImageError, OSError, SyntaxError) as err:
+        if skip_missing:
+            return False
+        raise FileNotFoundError(f"image {path} (referenced by {reference}) is missing or corrupt: {err}") from None
+
+
+def load_image(path: str, reference: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+        raise FileNotFoundError(f"image {path} (referenced by {reference}) is missing or corrupt: {err}") from None
+
+
+def _spans(items: Sequence) -> list[list[int]]:
+    return [[int(s), int(e)] for s, e in items]
+
+
+def caption_rows(
+    coco_dir: Path, split: str, image_dir: Path, prompt: str, rng: random.Random, kinds: Sequence[str],
+    skip_missing: bool,
+) -> tuple[list[dict], int]:
+    """Training rows from COCO captions: positive, its object spans and one negative (if one applies)."""
+    from datamodules.negatives import find_object_mentions, make_negative
+
+    files, present, annotations = coco_split(coco_dir, split)
+    vocabulary = sorted(set().union(*present.values()))  # swap in the dataset's own categories
+    rows, skipped, checked = [], 0, {}
+    for ann in annotations:
+        image_id = ann["image_id"]
+        if image_id not in files:
+            raise ValueError(f"captions_{split}.json: annotation {ann.get('id')} names unknown image {image_id}")
+        path = image_dir / files[image_id]
+        if image_id not in checked:
+            checked[image_id] = check_image(path, f"captions_{split}.json annotation {ann.get('id')}", skip_missing)
+        if not checked[image_id]:
+            skipped += 1
+            continue
+        caption = ann["caption"].strip()
+        mentions = find_object_mentions(caption)
+        seen = present[image_id] | {m.category for m in mentions}
+        negative = make_negative(caption, seen, rng, kinds=kinds, vocabulary=vocabulary)
+        rows.append(
+            {
+                "kind": "caption",
+                "image": str(path),
+                "image_id": int(image_id),
+                "reference": f"captions_{split}.json annotation {ann.get('id')}",
+                "prompt": prompt,
+                "target": caption,
+                "pos_spans": _spans((m.start, m.end) for m in mentions),
+                **_negative_fields(negative),
+            }
+        )
+    return rows, skipped
+
+
+def _negative_fields(negative: Any) -> dict:
+    if negative is None:
+        return {"neg_text": "", "neg_kind": "", "neg_grounded": [], "neg_hallucinated": []}
+    from datamodules.negatives import find_object_mentions
+
+    text = negative.text
+    changed = [_strip_span(text, s, e) for s, e in negative.spans]
+    mentions = find_object_mentions(text)
+    wrong = [m for m in mentions if any(m.start < e and s < m.end for s, e in changed)]
+    words: set[tuple[int, int]] = set()
+    if not negative.hallucinated_objects:
+        # attribute/count change: the changed word, and the object word its noun phrase now describes wrongly
+        wrong += [m for m in mentions for _, e in changed if m.start >= e and _same_phrase(text[e : m.start])]
+        words = set(changed)
+    grounded = [(m.start, m.end) for m in mentions if m not in wrong]
+    hallucinated = sorted(words | {(m.start, m.end) for m in wrong})  # swaps/insertions: the object words
+    return {
+        "neg_text": negative.text,
+        "neg_kind": negative.kind,
+        "neg_grounded": _spans(grounded),
+        "neg_hallucinated": _spans(hallucinated),
+    }
+
+
+def _strip_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """(start, end) without surrounding whitespace."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
+
+
+def _same_phrase(gap: str) -> bool:
+    """Text between a changed attribute/count word and a later object word keeps them in one noun phrase."""
+    return bool(re.fullmatch(r"[A-Za-z -]{0,24}", gap)) and " and " not in f" {gap} " and " with " not in f" {gap} "
+
+
+def pair_rows(path: Path, prompt: str, skip_missing: bool) -> tuple[list[dict], int]:
+    """Rows from the source design's pair JSON (a list, or JSON Lines)."""
+    from datamodules.negatives import find_object_mentions
+
+    records = read_jsonl(path) if path.suffix == ".jsonl" else read_json(path)
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a list of pair records")
+    rows, skipped = [], 0
+    required = ("image_id", "image_path", "positive_caption", "negative_caption", "hallucinated_objects")
+    for index, record in enumerate(records):
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise ValueError(f"{path}: record {index} lacks {missing}")
+        image = Path(record["image_path"])
+        if not image.is_absolute():
+            image = path.parent / image
+        if not check_image(image, f"{path} record {index}", skip_missing):
+            skipped += 1
+            continue
+        positive, negative = record["positive_caption"], record["negative_caption"]
+        hallucinated = set(record["hallucinated_objects"])
+        neg_mentions = find_object_mentions(negative)
+        rows.append(
+            {
+                "kind": "caption",
+                "image": str(image),
+                "image_id": int(record["image_id"]),
+                "reference": f"{path} record {index}",
+                "prompt": prompt,
+                "target": positive,
+                "pos_spans": _spans((m.start, m.end) for m in find_object_mentions(positive)),
+                "neg_text": negative,
+                "neg_kind": "pair_file",
+                "neg_grounded": _spans((m.start, m.end) for m in neg_mentions if m.category not in hallucinated),
+                "neg_hallucinated": _spans((m.start, m.end) for m in neg_mentions if m.category in hallucinated),
+            }
+        )
+    return rows, skipped
+
+
+def question_rows(path: Path, image_dir: Path, suffix: str, prompt_template: str, skip_missing: bool) -> tuple[list[dict], int]:
+    """Yes/no rows from a POPE-format JSON Lines file (``question_id, image, text, label``)."""
+    rows, skipped, checked = [], 0, {}
+    for q in read_jsonl(path):
+        for key in ("question_id", "image", "text", "label"):
+            if key not in q:
+                raise ValueError(f"{path}: question {q.get('question_id', '?')} lacks {key!r}")
+        image = image_dir / q["image"]
+        if q["image"] not in checked:
+            checked[q["image"]] = check_image(image, f"{path} question {q['question_id']}", skip_missing)
+        if not checked[q["image"]]:
+            skipped += 1
+            continue
+        rows.append(
+            {
+                "kind": "question",
+                "image": str(image),
+                "image_id": int(q.get("image_id", -1)),
+                "question_id": int(q["question_id"]),
+                "reference": f"{path} question {q['question_id']}",
+                "prompt": prompt_template.format(question=q["text"].strip() + suffix),
+                "target": str(q["label"]).strip().lower(),
+            }
+        )
+    return rows, skipped
+
+
+class RowDataset(Dataset):
+    """Rows (dicts) with their images loaded lazily."""
+
+    def __init__(self, rows: Sequence[dict]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = dict(self.rows[index])
+        row["pixels"] = load_image(row["image"], row["reference"])
+        return row
+
+
+class Collator:
+    """Builds model inputs with the backbone's processor.
+
+    ``train``: right-padded ``prompt + target + eos`` with LM labels on the target only, object-token labels
+    (1 = grounded object word) and, for rows with a negative, a second batch ``neg_*`` of the negative
+    captions with 1/0 labels (grounded / hallucinated object words). ``generate``: left-padded prompts.
+    """
+
+    def __init__(self, processor: Any, mode: str) -> None:
+        self.processor, self.mode = processor, mode
+        self.tokenizer = processor.tokenizer
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _prompts(self, rows: Sequence[dict]) -> tuple[list[list[int]], Tensor, dict]:
+        self.tokenizer.padding_side = "right"
+        enc = self.processor(images=[r["pixels"] for r in rows], text=[r["prompt"] for r in rows], return_tensors=None)
+        ids = [list(x) for x in enc["input_ids"]]
+        pixel_values = torch.as_tensor(np.stack(enc["pixel_values"]))
+        extra = {k: torch.as_tensor(v) for k, v in enc.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+        return ids, pixel_values, extra
+
+    def _target(self, text: str, grounded: Sequence, hallucinated: Sequence) -> tuple[list[int], list[int]]:
+        from datamodules.negatives import token_labels
+
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"]) + [self.tokenizer.eos_token_id]
+        offsets = list(enc["offset_mapping"]) + [(0, 0)]
+        labels = token_labels(offsets, [tuple(s) for s in grounded], [tuple(s) for s in hallucinated])
+        return ids, labels
+
+    def _pad(self, seqs: list[list[int]], value: int) -> Tensor:
+        width = max(len(s) for s in seqs)
+        return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
+        return self.train(rows) if self.mode == "train" else self.generate(rows)
+
+    def train(self, rows: Sequence[dict]) -> dict[str, Any]:
+        prompts, pixel_values, extra = self._prompts(rows)
+        ids, lm_labels, obj_labels = [], [], []
+        neg_ids, neg_labels, neg_index = [], [], []
+        for i, (row, prompt) in enumerate(zip(rows, prompts)):
+            target, objects = self._target(row["target"], row.get("pos_spans") or [], [])
+            ids.append(prompt + target)
+            lm_labels.append([IGNORE] * len(prompt) + target)
+            obj_labels.append([IGNORE] * len(prompt) + objects)
+            if row.get("neg_text"):
+                neg, labels = self._target(row["neg_text"], row["neg_grounded"], row["neg_hallucinated"])
+                neg_ids.append(prompt + neg)
+                neg_labels.append([IGNORE] * len(prompt) + labels)
+                neg_index.append(i)
+        batch = {
+            "input_ids": self._pad(ids, self.pad_id),
+            "labels": self._pad(lm_labels, IGNORE),
+            "object_labels": self._pad(obj_labels, IGNORE),
+            "pixel_values": pixel_values,
+            **extra,
+        }
+        batch["attention_mask"] = (self._pad([[1] * len(s) for s in ids], 0)).long()
+        if neg_ids:
+            batch["neg_input_ids"] = self._pad(neg_ids, self.pad_id)
+            batch["neg_attention_mask"] = self._pad([[1] * len(s) for s in neg_ids], 0)
+            batch["neg_object_labels"] = self._pad(neg_labels, IGNORE)
+            batch["neg_index"] = torch.tensor(neg_index, dtype=torch.long)
+        return batch
+
+    def generate(self, rows: Sequence[dict]) -> dict[str, Any]:
+        prompts, pixel_values, extra = self._prompts(rows)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], dtype=torch.long)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values,
+            **extra,
+            "image_ids": [r["image_id"] for r in rows],
+            "question_ids": [r.get("question_id", -1) for r in rows],
+            "targets": [r["target"] for r in rows],
+        }
+
+
+class CaptionPairsDataModule(LightningDataModule):
+    """Caption pairs + yes/no questions for training; captioning prompts and questions for validation.
+
+    Args:
+        processor: hub id or directory of the backbone's processor (``AutoProcessor.from_pretrained``).
+        coco_dir: COCO-format root with ``annotations/{captions,instances}_{split}.json``.
+        image_dir: images of a split are ``{image_dir}/{split}/{file_name}`` (default ``{coco_dir}/images``).
+        pairs_file: the source design's pair JSON; replaces the COCO captions for training.
+        train_split, val_split: split names of the annotation files.
+        questions: also train on ``questions_{train_split}.jsonl`` yes/no instructions (POPE format).
+        world: generate the synthetic world into ``coco_dir`` when it is missing.
+        demo_backbone: build the tiny demo backbone into ``processor`` when it is missing.
+        caption_prompt: prompt of captioning rows (must contain the processor's image token if it needs one).
+        question_prompt: template of question rows, ``{question}`` is replaced.
+        question_suffix: appended to each question.
+        negative_kinds: kinds of negatives made from COCO captions.
+        batch_size, val_batch_size: global batch sizes (divided by the world size).
+        max_val_images, max_val_questions: cap validation work (first N, deterministic).
+        skip_missing: skip (and count) rows whose image is missing or corrupt instead of failing.
+        cache_dir: where prepared rows are cached (``datasets``); default ``{coco_dir}/.cache``.
+        seed: negatives are drawn from this seed.
+    """
+
+    def __init__(
+        self,
+        processor: str,
+        coco_dir: str | None = None,
+        image_dir: str | None = None,
+        pairs_file: str | None = None,
+        train_split: str = "train",
+        val_split: str = "val",
+        questions: bool = True,
+        world: WorldConfig | None = None,
+        demo_backbone: TinyLlavaConfig | None = None,
+        caption_prompt: str = "<image>\nDescribe the image.",
+        question_prompt: str = "<image>\n{question}",
+        question_suffix: str = " Answer yes or no.",
+        negative_kinds: list[str] | None = None,
+        batch_size: int = 32,
+        val_batch_size: int = 64,
+        num_workers: int = 0,
+        max_val_images: int | None = None,
+        max_val_questions: int | None = None,
+        skip_missing: bool = False,
+        cache_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if world is not None:
+            world_root = str(Path(world.root))
+            if coco_dir not in (None, world_root):
+                raise ValueError(f"data.coco_dir ({coco_dir}) and data.world.root ({world_root}) disagree")
+            coco_dir = world_root
+        if coco_dir is None and pairs_file is None:
+            raise ValueError("give data.coco_dir (COCO-format annotations), data.world or data.pairs_file")
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {value}")
+        self.processor_path = processor
+        self.coco_dir = Path(coco_dir) if coco_dir else None
+        self.image_dir = Path(image_dir) if image_dir else (self.coco_dir / "images" if self.coco_dir else None)
+        self.pairs_file = Path(pairs_file) if pairs_file else None
+        self.train_split, self.val_split = train_split, val_split
+        self.questions = questions
+        self.world, self.demo_backbone = world, demo_backbone
+        self.caption_prompt, self.question_prompt, self.question_suffix = caption_prompt, question_prompt, question_suffix
+        from datamodules.negatives import ALL_KINDS
+
+        self.negative_kinds = list(negative_kinds or ALL_KINDS)
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.max_val_images, self.max_val_questions = max_val_images, max_val_questions
+        self.skip_missing = skip_missing
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.seed = seed
+        self.processor = None
+        self.train_rows: list[dict] = []
+        self.val_captions: list[dict] = []
+        self.val_questions: list[dict] = []
+
+    # ----------------------------------------------------------------- preparation (rank 0, once)
+    def prepare_data(self) -> None:
+        if self.world is not None:
+            from datamodules.world import generate_world
+
+            generate_world(self.world)
+        if self.demo_backbone is not None and not (Path(self.processor_path) / "demo_backbone.json").is_file():
+            from models.demo_backbone import build_demo_backbone
+
+            build_demo_backbone(self._world_texts(), self.processor_path, self.demo_backbone)
+        self._train_rows()  # builds the cache
+
+    def _world_texts(self) -> list[str]:
+        """Every text the demo tokenizer must cover: prompts, captions, questions, answers."""
+        assert self.coco_dir is not None
+        texts = [self.caption_prompt, self.question_prompt, self.question_suffix, "yes", "no"]
+        for split in (self.train_split, self.val_split):
+            texts += [a["caption"] for a in coco_split(self.coco_dir, split)[2]]
+            path = self._questions_file(split)
+            if path.is_file():
+                texts += [q["text"] for q in read_jsonl(path)]
+        return texts
+
+    def _questions_file(self, split: str) -> Path:
+        assert self.coco_dir is not None
+        for folder in (self.coco_dir / "annotations", self.coco_dir):
+            if (folder / f"questions_{split}.jsonl").is_file():
+                return folder / f"questions_{split}.jsonl"
+        return self.coco_dir / "annotations" / f"questions_{split}.jsonl"
+
+    def _cache_key(self, sources: list[Path]) -> str:
+        digest = hashlib.sha256(f"pairs v{CACHE_VERSION}".encode())
+        settings = [self.caption_prompt, self.question_prompt, self.question_suffix, self.negative_kinds,
+                    self.questions, self.skip_missing, self.seed, str(self.image_dir)]
+        digest.update(json.dumps(settings).encode())
+        for path in sources:
+            stat = path.stat()
+            digest.update(f"|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()[:20]
+
+    def _train_rows(self) -> list[dict]:
+        import datasets
+
+        sources = [self.pairs_file] if self.pairs_file else [
+            _coco_file(self.coco_dir, "captions", self.train_split),
+            _coco_file(self.coco_dir, "instances", self.train_split),
+        ]
+        question_file = self._questions_file(self.train_split) if self.coco_dir else None
+        use_questions = self.questions and question_file is not None and question_file.is_file()
+        if self.questions and self.coco_dir and not use_questions:
+            raise FileNotFoundError(f"data.questions is true but {question_file} does not exist")
+        if use_questions:
+            sources.append(question_file)
+        root = self.cache_dir or ((self.coco_dir or self.pairs_file.parent) / ".cache")
+        cache = root / f"pairs_{self._cache_key(sources)}"
+        if (cache / "dataset_info.json").is_file():
+            rows = datasets.load_from_disk(str(cache)).to_list()
+            log.info("training rows: %d loaded from cache %s", len(rows), cache)
+            return rows
+        rng = random.Random(self.seed)
+        if self.pairs_file:
+            rows, skipped = pair_rows(self.pairs_file, self.caption_prompt, self.skip_missing)
+        else:
+            rows, skipped = caption_rows(
+                self.coco_dir, self.train_split, self.image_dir / self.train_split, self.caption_prompt, rng,
+                self.negative_kinds, self.skip_missing,
+            )
+        if use_questions:
+            q_rows, q_skipped = question_rows(
+                question_file, self.image_dir / self.train_split, self.question_suffix, self.question_prompt,
+                self.skip_missing,
+            )
+            rows, skipped = rows + q_rows, skipped + q_skipped
+        if skipped:
+            log.warning("training rows: skipped %d whose image is missing or corrupt (skip_missing=true)", skipped)
+        if not rows:
+            raise ValueError(f"no training rows from {[str(s) for s in sources]}: nothing to train on")
+        normalised = [{**r, "question_id": r.get("question_id", -1), **_empty_negative(r)} for r in rows]
+        datasets.Dataset.from_list(normalised).save_to_disk(str(cache))
+        log.info("training rows: %d prepared and cached to %s", len(rows), cache)
+        return normalised
+
+    # ----------------------------------------------------------------- setup (every rank)
+    def setup(self, stage: str | None = None) -> None:
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(self.processor_path)
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        for name in ("batch_size", "val_batch_size"):
+            if getattr(self, name) % world_size:
+                raise ValueError(
+                    f"data.{name} ({getattr(self, name)}) is the global batch and must be divisible by the "
+                    f"number of processes ({world_size})"
+                )
+        if stage in (None, "fit"):
+            self.train_rows = self._train_rows()
+        if stage in (None, "fit", "validate"):
+            self.val_captions, self.val_questions = self._val_rows()
+
+    def _val_rows(self) -> tuple[list[dict], list[dict]]:
+        if self.coco_dir is None:
+            return [], []
+        files, _, _ = coco_split(self.coco_dir, self.val_split)
+        train_files = coco_split(self.coco_dir, self.train_split)[0] if self.pairs_file is None else {}
+        overlap = set(files) & set(train_files)
+        if overlap:
+            raise ValueError(
+                f"{self.coco_dir}: image ids {sorted(overlap)[:5]} occur in both {self.train_split} and "
+                f"{self.val_split}; CHAIR ground truth needs unique ids"
+            )
+        image_dir = self.image_dir / self.val_split
+        captions = []
+        for image_id in sorted(files)[: self.max_val_images]:
+            path = image_dir / files[image_id]
+            if check_image(path, f"instances_{self.val_split}.json image {image_id}", self.skip_missing):
+                captions.append(
+                    {"kind": "caption", "image": str(path), "image_id": int(image_id), "prompt": self.caption_prompt,
+                     "target": "", "reference": f"instances_{self.val_split}.json image {image_id}"}
+                )
+        questions = []
+        path = self._questions_file(self.val_split)
+        if path.is_file():
+            questions, _ = question_rows(path, image_dir, self.question_suffix, self.question_prompt, self.skip_missing)
+            questions = questions[: self.max_val_questions]
+        if not captions:
+            raise ValueError(f"no validation images in {self.coco_dir} split {self.val_split}")
+        return captions, questions
+
+    # ----------------------------------------------------------------- loaders
+    def _per_device(self, batch_size: int) -> int:
+        return batch_size // (self.trainer.world_size if self.trainer is not None else 1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            RowDataset(self.train_rows), batch_size=self._per_device(self.batch_size), shuffle=True,
+            num_workers=self.num_workers, collate_fn=Collator(self.processor, "train"), drop_last=True,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        loaders = [self.val_captions] + ([self.val_questions] if self.val_questions else [])
+        return [
+            DataLoader(
+                RowDataset(rows), batch_size=self._per_device(self.val_batch_size), shuffle=False,
+                num_workers=self.num_workers, collate_fn=Collator(self.processor, "generate"),
+            )
+            for rows in loaders
+        ]
+
+    # ----------------------------------------------------------------- what validation needs
+    def chair_ground_truth(self) -> dict:
+        from metrics import build_coco_ground_truth
+
+        return build_coco_ground_truth(self.coco_dir, cache_dir=self.cache_dir or self.coco_dir / ".cache")
+
+    def hallucination_probes(self) -> list[tuple[str, str]]:
+        """(anchor, companion) pairs whose companion hallucination the report tracks (the world's bias)."""
+        if self.world is None:
+            return []
+        return [(anchor, companion) for anchor, companion, _ in self.world.bias]
+
+
+def _empty_negative(row: dict) -> dict:
+    return {k: row.get(k, v) for k, v in
+            {"neg_text": "", "neg_kind": "", "neg_grounded": [], "neg_hallucinated": [], "pos_spans": []}.items()}

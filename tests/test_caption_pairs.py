@@ -1,0 +1,162 @@
+"""CaptionPairsDataModule on a small synthetic world: labels, negatives, bad input, the pair-file format."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules import CaptionPairsDataModule, WorldConfig
+from datamodules.caption_pairs import IGNORE
+from models.demo_backbone import TinyLlavaConfig
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("pairs")
+    dm = CaptionPairsDataModule(
+        processor=str(root / "backbone"),
+        world=WorldConfig(root=root / "world", num_train=24, num_val=8),
+        demo_backbone=TinyLlavaConfig(),
+        batch_size=16,
+        val_batch_size=8,
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    return {"root": root, "dm": dm}
+
+
+def _copy_world(prepared: dict, tmp_path: Path) -> Path:
+    world = tmp_path / "world"
+    shutil.copytree(prepared["root"] / "world", world, ignore=shutil.ignore_patterns(".cache"))
+    return world
+
+
+def _dm(prepared: dict, coco_dir: Path, **kwargs) -> CaptionPairsDataModule:
+    return CaptionPairsDataModule(processor=str(prepared["root"] / "backbone"), coco_dir=str(coco_dir), **kwargs)
+
+
+def test_lm_labels_cover_exactly_the_positive_caption(prepared: dict) -> None:
+    dm = prepared["dm"]
+    tok = dm.processor.tokenizer
+    rows = [r for r in dm.train_rows if r["neg_text"]][:6] + [r for r in dm.train_rows if r["kind"] == "question"][:2]
+    batch = dm.train_dataloader().collate_fn([{**r, "pixels": __import__("PIL.Image").Image.open(r["image"]).convert("RGB")} for r in rows])
+    for i, row in enumerate(rows):
+        target = batch["input_ids"][i][batch["labels"][i] != IGNORE]
+        assert tok.decode(target, skip_special_tokens=True) == row["target"].lower()
+        assert target[-1].item() == tok.eos_token_id
+        negative = tok.decode(target, skip_special_tokens=True)
+        if row["neg_text"]:
+            assert negative != row["neg_text"].lower(), "LM labels must never hold the negative caption"
+    assert "labels" in batch and "neg_labels" not in batch  # negatives carry object labels only
+    assert batch["neg_index"].tolist() == list(range(6))
+
+
+def test_negative_token_labels_match_changed_spans(prepared: dict) -> None:
+    dm = prepared["dm"]
+    tok = dm.processor.tokenizer
+    rows = [r for r in dm.train_rows if r["neg_text"] and r["neg_hallucinated"]][:8]
+    assert rows
+    from PIL import Image
+
+    batch = dm.train_dataloader().collate_fn([{**r, "pixels": Image.open(r["image"]).convert("RGB")} for r in rows])
+    for i, row in enumerate(rows):
+        labels, ids = batch["neg_object_labels"][i], batch["neg_input_ids"][i]
+        wrong = tok.decode(ids[labels == 0]).replace("▁", " ").split()
+        expected = " ".join(row["neg_text"][s:e] for s, e in row["neg_hallucinated"]).lower().split()
+        assert all(word.strip(".,") in expected or any(word in e for e in expected) for word in wrong), (wrong, expected)
+        assert (labels == 0).any()
+        # positive object labels sit on the mentioned object words only
+        pos = tok.decode(batch["input_ids"][i][batch["object_labels"][i] == 1]).split()
+        mentions = [row["target"][s:e].lower() for s, e in row["pos_spans"]]
+        assert pos and all(any(p in m for m in mentions) for p in pos)
+
+
+def test_validation_loaders_hold_prompts_only(prepared: dict) -> None:
+    dm = prepared["dm"]
+    captions, questions = dm.val_dataloader()
+    batch = next(iter(captions))
+    tok = dm.processor.tokenizer
+    assert batch["attention_mask"][:, -1].all(), "generation prompts are left-padded"
+    text = tok.decode(batch["input_ids"][0], skip_special_tokens=True)
+    assert text.strip().endswith("describe the image.")
+    qbatch = next(iter(questions))
+    assert set(qbatch["targets"]) <= {"yes", "no"}
+    assert len(dm.val_captions) == 8
+
+
+def test_missing_image_names_file_and_annotation(prepared: dict, tmp_path: Path, caplog) -> None:
+    world = _copy_world(prepared, tmp_path)
+    victim = sorted((world / "images" / "train").iterdir())[0]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{victim.name}.*referenced by captions_train.json annotation"):
+        _dm(prepared, world, questions=False).prepare_data()
+    with caplog.at_level(logging.WARNING):
+        dm = _dm(prepared, world, questions=False, skip_missing=True)
+        rows = dm._train_rows()
+    assert "skipped 3" in caplog.text  # the image's 3 captions
+    assert all(Path(r["image"]) != victim for r in rows)
+
+
+def test_corrupt_image_names_the_file(prepared: dict, tmp_path: Path) -> None:
+    world = _copy_world(prepared, tmp_path)
+    victim = sorted((world / "images" / "train").iterdir())[1]
+    victim.write_bytes(b"not a png")
+    with pytest.raises(FileNotFoundError, match=rf"{victim.name}.*missing or corrupt"):
+        _dm(prepared, world, questions=False).prepare_data()
+
+
+def test_malformed_json_names_file_and_line(prepared: dict, tmp_path: Path) -> None:
+    world = _copy_world(prepared, tmp_path)
+    path = world / "annotations" / "captions_train.json"
+    path.write_text('{\n "images": [\n  {"id": 1,,}\n ]\n}')
+    with pytest.raises(ValueError, match=r"captions_train.json: malformed JSON at line 3"):
+        _dm(prepared, world).prepare_data()
+
+
+def test_empty_dataset_is_an_error(prepared: dict, tmp_path: Path) -> None:
+    world = _copy_world(prepared, tmp_path)
+    path = world / "annotations" / "captions_train.json"
+    data = json.loads(path.read_text())
+    data["annotations"] = []
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="nothing to train on"):
+        _dm(prepared, world, questions=False).prepare_data()
+
+
+def test_pair_file_format(prepared: dict, tmp_path: Path) -> None:
+    image = sorted((prepared["root"] / "world" / "images" / "train").iterdir())[0]
+    pairs = [
+        {"image_id": 7, "image_path": str(image), "positive_caption": "a red cup and a fork.",
+         "negative_caption": "a red cup and a knife.", "hallucinated_objects": ["knife"], "grounding_labels": []},
+    ]
+    path = tmp_path / "pairs.json"
+    path.write_text(json.dumps(pairs))
+    dm = CaptionPairsDataModule(processor=str(prepared["root"] / "backbone"), pairs_file=str(path), cache_dir=str(tmp_path / "c"))
+    rows = dm._train_rows()
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["target"] == "a red cup and a fork."
+    assert [row["neg_text"][s:e] for s, e in row["neg_hallucinated"]] == ["knife"]
+    assert [row["neg_text"][s:e] for s, e in row["neg_grounded"]] == ["cup"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image_id": 1}]))
+    with pytest.raises(ValueError, match=r"bad.json: record 0 lacks"):
+        CaptionPairsDataModule(processor=str(prepared["root"] / "backbone"), pairs_file=str(bad))._train_rows()
+
+
+def test_prepared_rows_are_cached(prepared: dict, caplog) -> None:
+    dm = prepared["dm"]
+    with caplog.at_level(logging.INFO):
+        rows = dm._train_rows()
+    assert "loaded from cache" in caplog.text
+    assert rows == dm.train_rows
+
+
+def test_conflicting_world_and_coco_dir() -> None:
+    with pytest.raises(ValueError, match="data.coco_dir .* and data.world.root .* disagree"):
+        CaptionPairsDataModule(processor="x", coco_dir="a", world=WorldConfig(root="b"))
