@@ -238,8 +238,8 @@ class WorldConfig:
         set_ = object.__setattr__  # frozen: normalise in place once
         set_(self, "root", Path(self.root))
         set_(self, "categories", tuple(self.categories))
-        set_(self, "bias", tuple((str(a), str(c), _as_float("bias probability", p)) for a, c, p in self.bias))
-        set_(self, "object_scale", tuple(float(v) for v in self.object_scale))
+        set_(self, "bias", tuple(_bias_rule(rule) for rule in self.bias))
+        set_(self, "object_scale", tuple(_as_float("object_scale", v) for v in self.object_scale))
         for name in ("companion_scale", "companion_contrast", "background_noise", "val_probe_fraction"):
             set_(self, name, _as_float(name, getattr(self, name)))
         self._validate()
@@ -249,18 +249,22 @@ class WorldConfig:
         _check_int("num_train", self.num_train, 1, MAX_IMAGES)
         _check_int("num_val", self.num_val, 1, MAX_IMAGES)
         _check_int("image_size", self.image_size, 16, 1024)
-        _check_int("max_objects", self.max_objects, 1, 9)
+        _check_int("max_objects", self.max_objects, 2 if self.bias else 1, 9)
         _check_int("min_objects", self.min_objects, 1, self.max_objects)
         _check_int("clutter", self.clutter, 0, 50)
         _check_int("captions_per_image", self.captions_per_image, 1, len(_TEMPLATES))
         self._validate_categories()
         _check_int("questions_per_image", self.questions_per_image, 2, 2 * len(self.categories))
         if self.questions_per_image % 2:
-            raise ValueError(f"WorldConfig.questions_per_image must be even (half yes, half no), got {self.questions_per_image}")
+            raise ValueError(
+                f"WorldConfig.questions_per_image must be even (half yes, half no), got {self.questions_per_image}"
+            )
         self._validate_bias()
         lo, hi = self.object_scale if len(self.object_scale) == 2 else (math.nan, math.nan)
         if not 0.1 <= lo <= hi <= 1.0:
-            raise ValueError(f"WorldConfig.object_scale must be (low, high) with 0.1 <= low <= high <= 1.0, got {self.object_scale}")
+            raise ValueError(
+                f"WorldConfig.object_scale must be (low, high) with 0.1 <= low <= high <= 1.0, got {self.object_scale}"
+            )
         _check_float("companion_scale", self.companion_scale, 0.1, 1.0 / hi)
         _check_float("companion_contrast", self.companion_contrast, 0.05, 1.0)
         _check_float("background_noise", self.background_noise, 0.0, 64.0)
@@ -268,12 +272,17 @@ class WorldConfig:
 
     def _validate_categories(self) -> None:
         if not 2 <= len(self.categories) <= len(COCO_CATEGORIES):
-            raise ValueError(f"WorldConfig.categories must hold 2 to {len(COCO_CATEGORIES)} names, got {len(self.categories)}")
+            raise ValueError(
+                f"WorldConfig.categories must hold 2 to {len(COCO_CATEGORIES)} names, got {len(self.categories)}"
+            )
         for name in self.categories:
             if name not in COCO_IDS:
-                raise ValueError(f"WorldConfig.categories: {name!r} is not a COCO category name (e.g. 'fork', 'cell phone')")
+                raise ValueError(f"WorldConfig.categories: {name!r} is not a COCO category name (e.g. 'cell phone')")
             if not caption_nouns(name):
-                raise ValueError(f"WorldConfig.categories: {name!r} has no caption word that CHAIR's reference parser maps back to it")
+                raise ValueError(
+                    f"WorldConfig.categories: {name!r} has no caption word that CHAIR's reference parser maps "
+                    "back to it"
+                )
         if len(set(self.categories)) != len(self.categories):
             raise ValueError(f"WorldConfig.categories must not repeat a name, got {list(self.categories)}")
 
@@ -284,12 +293,13 @@ class WorldConfig:
         for anchor, companion, p in self.bias:
             for role, name in (("anchor", anchor), ("companion", companion)):
                 if name not in self.categories:
-                    raise ValueError(f"WorldConfig.bias: {role} {name!r} is not one of WorldConfig.categories {list(self.categories)}")
+                    raise ValueError(
+                        f"WorldConfig.bias: {role} {name!r} is not one of WorldConfig.categories "
+                        f"{list(self.categories)}"
+                    )
             if anchor == companion:
                 raise ValueError(f"WorldConfig.bias: anchor and companion must differ, got {anchor!r} twice")
             _check_float("bias probability", p, 0.0, 1.0)
-        if self.bias and self.max_objects < 2:
-            raise ValueError(f"WorldConfig.max_objects must be in [2, 9] when a bias is set, got {self.max_objects}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples as lists, root as a string)."""
@@ -309,6 +319,12 @@ class WorldConfig:
     @property
     def companions(self) -> frozenset[str]:
         return frozenset(companion for _, companion, _ in self.bias)
+
+
+def _bias_rule(rule: Any) -> tuple[str, str, float]:
+    if isinstance(rule, str) or not isinstance(rule, Sequence) or len(rule) != 3:
+        raise ValueError(f"WorldConfig.bias entries must be (anchor, companion, probability), got {rule!r}")
+    return str(rule[0]), str(rule[1]), _as_float("bias probability", rule[2])
 
 
 def _as_float(name: str, value: Any) -> float:
@@ -401,6 +417,9 @@ def _sample_categories(world: _World, rng: np.random.Generator, split: str, inde
 # ------------------------------------------------------------------------------------------- rendering
 
 
+Box = tuple[float, float, float, float]  # x0, y0, width, height (pixels)
+
+
 def _shape_box(shape: str, size: float) -> tuple[float, float]:
     """(width, height) of a shape of nominal size ``size``."""
     if shape == "vbar":
@@ -466,7 +485,7 @@ def _background(cfg: WorldConfig, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def _place(world: _World, rng: np.random.Generator, cats: list[int]) -> list[tuple[float, float, float, float]]:
+def _place(world: _World, rng: np.random.Generator, cats: list[int]) -> list[Box]:
     """Non-overlapping boxes (x0, y0, w, h): one grid cell per object, random size and offset inside it."""
     cfg = world.config
     grid = math.ceil(math.sqrt(cfg.max_objects))
@@ -484,7 +503,9 @@ def _place(world: _World, rng: np.random.Generator, cats: list[int]) -> list[tup
     return boxes
 
 
-def _render(world: _World, rng: np.random.Generator, cats: list[int], boxes: list[tuple[float, float, float, float]]) -> tuple[Image.Image, list[float]]:
+def _render(
+    world: _World, rng: np.random.Generator, cats: list[int], boxes: list[Box]
+) -> tuple[Image.Image, list[float]]:
     """The image and each object's area (covered pixels)."""
     cfg = world.config
     img = _background(cfg, rng)
@@ -494,7 +515,8 @@ def _render(world: _World, rng: np.random.Generator, cats: list[int], boxes: lis
         alpha = _shape_mask(look.shape, (x0, y0, x0 + w, y0 + h), cfg.image_size)
         colour = np.asarray(COLOURS[look.colour], dtype=np.float32)
         if world.is_companion[cat]:  # fade towards the background
-            colour = np.asarray(BACKGROUND, dtype=np.float32) + cfg.companion_contrast * (colour - np.asarray(BACKGROUND, dtype=np.float32))
+            background = np.asarray(BACKGROUND, dtype=np.float32)
+            colour = background + cfg.companion_contrast * (colour - background)
         paint = _texture(look.texture, cfg.image_size, x0, y0)[..., None] * colour
         img = img * (1.0 - alpha[..., None]) + paint * alpha[..., None]
         areas.append(round(float(alpha.sum()), 2))
@@ -543,7 +565,8 @@ def _captions(world: _World, rng: np.random.Generator, cats: list[int]) -> list[
     """``captions_per_image`` captions, each naming every object kind present with its count."""
     counts = Counter(cats)
     usable = [t for t in _TEMPLATES if len(counts) > 1 or "{first}" not in t]
-    picks = rng.choice(len(usable), size=world.config.captions_per_image, replace=world.config.captions_per_image > len(usable))
+    k = world.config.captions_per_image
+    picks = rng.choice(len(usable), size=k, replace=k > len(usable))
     captions = []
     for pick in picks:
         order = [int(c) for c in rng.permutation(sorted(counts))]
@@ -560,7 +583,8 @@ def _questions(world: _World, rng: np.random.Generator, cats: list[int]) -> list
     absent = [c for c in range(len(world.config.categories)) if c not in present]
     n = min(len(present), len(absent), world.config.questions_per_image // 2)
     yes = [int(c) for c in rng.choice(present, size=n, replace=False)]
-    adversarial = list(dict.fromkeys(comp for anchor, comp, _ in world.rules if anchor in present and comp not in present))[:n]
+    missing = [comp for anchor, comp, _ in world.rules if anchor in present and comp not in present]
+    adversarial = list(dict.fromkeys(missing))[:n]
     rest = [c for c in absent if c not in adversarial]
     no = adversarial + [int(c) for c in rng.choice(rest, size=n - len(adversarial), replace=False)]
     pairs = [(c, "yes") for c in yes] + [(c, "no") for c in no]
@@ -627,18 +651,25 @@ def _coco_files(world: _World, split: str, records: list[_ImageRecord]) -> tuple
     """(instances, captions, questions) of a split in COCO / POPE formats."""
     cfg = world.config
     info = {"description": f"synthetic hallucination world ({split})", "version": str(FORMAT_VERSION), "seed": cfg.seed}
-    images = [{"id": r.image_id, "file_name": r.file_name, "width": cfg.image_size, "height": cfg.image_size} for r in records]
+    size = cfg.image_size
+    images = [{"id": r.image_id, "file_name": r.file_name, "width": size, "height": size} for r in records]
     categories = [{"id": COCO_IDS[n], "name": n, "supercategory": supercategory(COCO_IDS[n])} for n in cfg.categories]
     annotations, captions, questions = [], [], []
     for r in records:
         for cat, bbox, area in r.objects:
-            annotations.append({"id": len(annotations) + 1, "image_id": r.image_id, "category_id": COCO_IDS[cfg.categories[cat]], "bbox": bbox, "area": area, "iscrowd": 0})
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": r.image_id, "category_id": COCO_IDS[cfg.categories[cat]],
+                "bbox": bbox, "area": area, "iscrowd": 0,
+            })
         for text in r.captions:
             captions.append({"id": len(captions) + 1, "image_id": r.image_id, "caption": text})
         for cat, label in r.questions:
             name = cfg.categories[cat]
             text = f"Is there {_article(name)} {name} in the image?"
-            questions.append({"question_id": len(questions) + 1, "image_id": r.image_id, "image": r.file_name, "text": text, "label": label, "object": name})
+            questions.append({
+                "question_id": len(questions) + 1, "image_id": r.image_id, "image": r.file_name,
+                "text": text, "label": label, "object": name,
+            })
     instances = {"info": info, "images": images, "annotations": annotations, "categories": categories}
     return instances, {"info": info, "images": images, "annotations": captions}, questions
 
@@ -649,11 +680,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _annotation_files(split: str) -> tuple[str, str, str]:
+    return f"instances_{split}.json", f"captions_{split}.json", f"questions_{split}.jsonl"
+
+
 def _owned_paths(root: Path) -> list[Path]:
     """What a world writes under ROOT (besides world.json); the only things overwrite removes."""
     paths = [root / "images" / split for split in SPLITS]
     for split in SPLITS:
-        paths += [root / "annotations" / f"instances_{split}.json", root / "annotations" / f"captions_{split}.json", root / "annotations" / f"questions_{split}.jsonl"]
+        paths += [root / "annotations" / name for name in _annotation_files(split)]
     return paths
 
 
@@ -666,7 +701,10 @@ class WorldMismatchError(RuntimeError):
 
 def _world_json(world: _World) -> dict[str, Any]:
     cfg = world.config
-    looks = [{"name": n, "id": COCO_IDS[n], **asdict(look), "nouns": list(nouns)} for n, look, nouns in zip(cfg.categories, world.looks, world.nouns)]
+    looks = [
+        {"name": name, "id": COCO_IDS[name], **asdict(look), "nouns": list(nouns)}
+        for name, look, nouns in zip(cfg.categories, world.looks, world.nouns)
+    ]
     return {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "categories": looks}
 
 
@@ -686,10 +724,16 @@ def _prepare_root(config: WorldConfig, overwrite: bool) -> bool:
         if not differences:
             return True
         if not overwrite:
-            raise WorldMismatchError(f"{root} holds a different world ({'; '.join(differences)}); use another root or overwrite=True (--overwrite)")
+            raise WorldMismatchError(
+                f"{root} holds a different world ({'; '.join(differences)}); use another root or overwrite=True "
+                "(--overwrite)"
+            )
         meta.unlink()
     elif not (root / MARKER).exists() and not overwrite and any(p.exists() for p in _owned_paths(root)):
-        raise WorldMismatchError(f"{root} has images/ or annotations/ files but no world.json; use another root or overwrite=True (--overwrite)")
+        raise WorldMismatchError(
+            f"{root} has images/ or annotations/ files but no world.json; use another root or overwrite=True "
+            "(--overwrite)"
+        )
     for path in _owned_paths(root):
         if path.is_dir():
             shutil.rmtree(path)
@@ -717,9 +761,13 @@ def generate_world(config: WorldConfig, overwrite: bool = False, *, workers: int
     for split, count in (("train", config.num_train), ("val", config.num_val)):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         instances, captions, questions = _coco_files(world, split, _records(world, split, count, workers, progress))
-        _write_atomic(root / "annotations" / f"instances_{split}.json", json.dumps(instances, separators=(",", ":")))
-        _write_atomic(root / "annotations" / f"captions_{split}.json", json.dumps(captions, separators=(",", ":")))
-        _write_atomic(root / "annotations" / f"questions_{split}.jsonl", "".join(json.dumps(q) + "\n" for q in questions))
+        texts = (
+            json.dumps(instances, separators=(",", ":")),
+            json.dumps(captions, separators=(",", ":")),
+            "".join(json.dumps(q) + "\n" for q in questions),
+        )
+        for name, text in zip(_annotation_files(split), texts):
+            _write_atomic(root / "annotations" / name, text)
     _write_atomic(root / "world.json", json.dumps(_world_json(world), indent=2) + "\n")
     (root / MARKER).unlink()
     return root
@@ -794,7 +842,7 @@ def world_stats(root: str | Path) -> dict[str, Any]:
 def _parse_bias(text: str) -> tuple[str, str, float]:
     parts = text.split(":")
     if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"bias must be ANCHOR:COMPANION:PROBABILITY (e.g. fork:knife:0.9), got {text!r}")
+        raise argparse.ArgumentTypeError(f"bias must be ANCHOR:COMPANION:PROBABILITY (fork:knife:0.9), got {text!r}")
     try:
         return parts[0], parts[1], float(parts[2])
     except ValueError as error:
@@ -803,15 +851,22 @@ def _parse_bias(text: str) -> tuple[str, str, float]:
 
 def _parser() -> argparse.ArgumentParser:
     defaults = {f.name: f.default for f in fields(WorldConfig) if f.name != "root"}
-    p = argparse.ArgumentParser(prog="python -m datamodules.world", description="Generate the synthetic hallucination world.")
+    p = argparse.ArgumentParser(prog="python -m datamodules.world", description="Generate the synthetic world.")
     p.add_argument("--root", required=True, type=Path, help="output directory")
-    for name in ("seed", "num_train", "num_val", "image_size", "min_objects", "max_objects", "clutter", "captions_per_image", "questions_per_image"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name], help=f"default {defaults[name]}")
+    ints = ("seed", "num_train", "num_val", "image_size", "min_objects", "max_objects", "clutter")
+    for name in ints + ("captions_per_image", "questions_per_image"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=defaults[name], help="default %(default)s")
     for name in ("companion_scale", "companion_contrast", "background_noise", "val_probe_fraction"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=defaults[name], help=f"default {defaults[name]}")
-    p.add_argument("--categories", type=lambda s: tuple(x.strip() for x in s.split(",")), default=defaults["categories"], help="comma-separated COCO names (default: %(default)s)")
-    p.add_argument("--object-scale", type=float, nargs=2, default=defaults["object_scale"], metavar=("LOW", "HIGH"), help="object size / grid cell")
-    p.add_argument("--bias", type=_parse_bias, action="append", help="ANCHOR:COMPANION:P, repeatable (default fork:knife:0.9)")
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=defaults[name], help="default %(default)s")
+    p.add_argument(
+        "--categories", type=lambda s: tuple(x.strip() for x in s.split(",")), default=defaults["categories"],
+        help="comma-separated COCO names (default: %(default)s)",
+    )
+    p.add_argument(
+        "--object-scale", type=float, nargs=2, default=defaults["object_scale"], metavar=("LOW", "HIGH"),
+        help="object size as a fraction of its grid cell (default: %(default)s)",
+    )
+    p.add_argument("--bias", type=_parse_bias, action="append", help="ANCHOR:COMPANION:P, repeatable (fork:knife:0.9)")
     p.add_argument("--no-bias", action="store_true", help="no co-occurrence bias (sets --val-probe-fraction 0)")
     p.add_argument("--overwrite", action="store_true", help="replace a different world at ROOT")
     p.add_argument("--workers", type=int, default=1, help="rendering processes (output is identical)")

@@ -110,7 +110,11 @@ def test_every_caption_parses_to_exactly_the_image_categories(world: Path, split
     present = {i: {name for name, _ in objs} for i, objs in _objects(world, split).items()}
     captions = _load(world, f"captions_{split}.json")["annotations"]
     assert len(captions) == 3 * len(present)
-    wrong = [(c["caption"], sorted(present[c["image_id"]])) for c in captions if set(parser(c["caption"]).objects) != present[c["image_id"]]]
+    wrong = [
+        (c["caption"], sorted(present[c["image_id"]]))
+        for c in captions
+        if set(parser(c["caption"]).objects) != present[c["image_id"]]
+    ]
     assert wrong == []
     # synonyms, plurals, counts and colours do occur
     text = " ".join(c["caption"] for c in captions)
@@ -160,7 +164,8 @@ def test_coco_files(world: Path) -> None:
                 assert im.size == (img["width"], img["height"]) == (32, 32) and im.mode == "RGB"
         for ann in instances["annotations"]:
             x, y, w, h = ann["bbox"]
-            assert 0 <= x and 0 <= y and x + w <= 32.01 and y + h <= 32.01 and 0 < ann["area"] <= (w + 0.25) * (h + 0.25)  # edges snap to the 4x grid
+            assert 0 <= x and 0 <= y and x + w <= 32.01 and y + h <= 32.01
+            assert 0 < ann["area"] <= (w + 0.25) * (h + 0.25)  # drawn edges snap to the 4x grid
     assert min(img["id"] for img in _load(world, "instances_val.json")["images"]) > max(
         img["id"] for img in _load(world, "instances_train.json")["images"]
     )
@@ -259,7 +264,10 @@ def test_categories_are_visually_distinct(world: Path) -> None:
 def test_companion_difficulty_changes_size_and_contrast(tmp_path: Path) -> None:
     def knives(scale: float, contrast: float) -> tuple[float, float]:
         root = generate_world(
-            WorldConfig(tmp_path / f"{scale}-{contrast}", num_train=150, num_val=10, companion_scale=scale, companion_contrast=contrast),
+            WorldConfig(
+                tmp_path / f"{scale}-{contrast}", num_train=150, num_val=10,
+                companion_scale=scale, companion_contrast=contrast,
+            ),
             progress=False,
         )
         areas = [w * h for objs in _objects(root, "train").values() for name, (_, _, w, h) in objs if name == "knife"]
@@ -274,7 +282,8 @@ def test_companion_difficulty_changes_size_and_contrast(tmp_path: Path) -> None:
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--root", str(tmp_path), "--num-train", "12", "--num-val", "6", "--bias", "cup:bowl:1.0", "--no-progress"]) == 0
+    args = ["--root", str(tmp_path), "--num-train", "12", "--num-val", "6", "--bias", "cup:bowl:1.0", "--no-progress"]
+    assert main(args) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["train"]["images"] == 12 and stats["train"]["bias"][0]["companion"] == "bowl"
     assert stats["train"]["bias"][0]["rate"] == 1.0
