@@ -40,7 +40,7 @@ from typing import Literal, NamedTuple
 import spacy
 from spacy.language import Language
 from spacy.tokens import Doc
-from spacy.util import compile_infix_regex
+from spacy.util import compile_infix_regex, compile_prefix_regex, compile_suffix_regex
 
 from metrics.coco_objects import COCO_CATEGORIES, get_parser
 from metrics.text import singularize_lemma
@@ -102,16 +102,25 @@ class Negative:
 # Tokenisation and object mentions
 # ---------------------------------------------------------------------------------------------------
 
-# Characters the Treebank tokenizer (CHAIR's) splits off wherever they occur; spaCy keeps e.g. "cup(s".
-_TREEBANK_INFIX = r"[;@#$%&?!*\u2012-\u2015\[\](){}<>«“‘„»”’]"
+# What the Treebank tokenizer (CHAIR's) splits off wherever it occurs; spaCy keeps e.g. "cup(s".
+_TREEBANK_SPLIT = r"[;@#$%&?!*\u2012-\u2015\[\](){}<>«“‘„»”’\"`]"
+_TREEBANK_INFIX = rf"--|{_TREEBANK_SPLIT}|[:,](?!\d)|(?:'s|n't)(?={_TREEBANK_SPLIT})"
 
 
 @lru_cache(maxsize=1)
 def _nlp() -> Language:
     """Blank English pipeline whose word boundaries match CHAIR's (hyphenated words stay whole)."""
     nlp = spacy.blank("en")
-    infixes = [rule for rule in nlp.Defaults.infixes if not (re.search(rule, "a-b") or re.search(rule, "a/b"))]
+    # spaCy splits "hot-dog", "cats/dogs" and "a…b"; Treebank does not.
+    infixes = [rule for rule in nlp.Defaults.infixes if not any(re.search(rule, s) for s in ("a-b", "a/b", "a…b"))]
     nlp.tokenizer.infix_finditer = compile_infix_regex([*infixes, _TREEBANK_INFIX]).finditer
+    # Treebank keeps "…", "_", "=" and an opening "'" on the word they touch ("cat…", "dog_", "'men");
+    # it splits a closing "'" ("dogs'") and "n't".
+    kept = ("…", "……", "_", "=")
+    prefixes = [rule for rule in nlp.Defaults.prefixes if rule not in (*kept, "'", "\\'")]
+    suffixes = [rule for rule in nlp.Defaults.suffixes if rule not in kept]
+    nlp.tokenizer.prefix_search = compile_prefix_regex(["--", *prefixes]).search
+    nlp.tokenizer.suffix_search = compile_suffix_regex(["--", "n't", *suffixes]).search
     # Treebank always splits a curly apostrophe ("o’clock" -> "o ’ clock"); spaCy has exceptions for it.
     nlp.tokenizer.rules = {key: value for key, value in nlp.tokenizer.rules.items() if "’" not in key}
     return nlp
