@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.world import WorldConfig
 from models.demo_backbone import TinyLlavaConfig
@@ -263,6 +263,41 @@ class RowDataset(Dataset):
         row = dict(self.rows[index])
         row["pixels"] = load_image(row["image"], row["reference"])
         return row
+
+
+class ResumableSampler(DistributedSampler):
+    """Seeded per-epoch permutation, split across ranks, that can start ``skip`` samples into the epoch."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableLoader(DataLoader):
+    """Training loader whose position in the epoch is saved in Lightning checkpoints.
+
+    Lightning stores ``state_dict()`` of stateful train loaders and calls ``load_state_dict`` on resume.
+    The position is the number of batches the trainer *processed* this epoch (not the loader's own count,
+    which runs ahead by the prefetched batch), so a resumed run sees exactly the batches it had not trained on.
+    """
+
+    def __init__(self, *args, trainer: Any = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, int]:
+        # "processed": checkpoints are saved in on_train_batch_end, after the step, before "completed" counts it
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+        return {"epoch": int(self.sampler.epoch), "batches": int(done)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.skip = state["batches"] * self.batch_size
 
 
 class Collator:
@@ -559,9 +594,18 @@ class CaptionPairsDataModule(LightningDataModule):
         return batch_size // (self.trainer.world_size if self.trainer is not None else 1)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            RowDataset(self.train_rows), batch_size=self._per_device(self.batch_size), shuffle=True,
-            num_workers=self.num_workers, collate_fn=Collator(self.processor, "train"), drop_last=True,
+        dataset = RowDataset(self.train_rows)
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(dataset, replicas, rank, self.seed)
+        if len(sampler) < self._per_device(self.batch_size):
+            raise ValueError(
+                f"{len(self.train_rows)} training rows are fewer than one batch per process "
+                f"({self._per_device(self.batch_size)} x {replicas}): nothing to train on"
+            )
+        return ResumableLoader(
+            dataset, batch_size=self._per_device(self.batch_size), sampler=sampler, drop_last=True,
+            num_workers=self.num_workers, collate_fn=Collator(self.processor, "train"), trainer=trainer,
         )
 
     def val_dataloader(self) -> list[DataLoader]:

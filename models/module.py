@@ -167,6 +167,7 @@ class GroundedVLM(LightningModule):
         # plain values only: checkpoints must load with torch.load(weights_only=True)
         self.save_hyperparameters(
             {
+                "_class_path": f"{type(self).__module__}.{type(self).__qualname__}",  # LightningCLI --ckpt_path
                 "backbone": backbone,
                 "grounding": asdict(self.grounding),
                 "objective": asdict(self.objective),

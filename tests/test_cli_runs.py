@@ -1,0 +1,106 @@
+"""The CLI on the demo configs with a small world: every config parses, fit runs, a killed fit resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def _small(tmp: Path, name: str, steps: int = 10, every: int = 4) -> list[str]:
+    """Overrides that shrink a demo config to seconds, everything under ``tmp``."""
+    return [
+        "--data.init_args.world.root", str(tmp / "world"),
+        "--data.init_args.world.num_train", "48",
+        "--data.init_args.world.num_val", "10",
+        "--data.init_args.processor", str(tmp / "backbone"),
+        "--data.init_args.batch_size", "8",
+        "--data.init_args.val_batch_size", "16",
+        "--data.init_args.max_val_questions", "24",
+        "--model.init_args.backbone", str(tmp / "backbone"),
+        "--trainer.max_steps", str(steps),
+        "--trainer.val_check_interval", str(steps),
+        "--trainer.default_root_dir", str(tmp / "runs"),
+        "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
+        "--trainer.logger.init_args.name", name,
+        "--trainer.callbacks.init_args.dirpath", str(tmp / "ckpt" / name),
+        "--trainer.callbacks.init_args.every_n_train_steps", str(every),
+        "--trainer.enable_progress_bar", "false",
+    ]
+
+
+def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "lightning_app", *args], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _report(tmp: Path, name: str) -> dict:
+    reports = sorted((tmp / "runs" / name).glob("version_*/report.json"))
+    assert reports, f"no report under {tmp / 'runs' / name}"
+    return json.loads(reports[-1].read_text())
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_config_parses_against_the_cli(config: Path, tmp_path: Path) -> None:
+    proc = _run(["fit", "--config", str(config), "--print_config"])
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["model"]["class_path"] == "models.GroundedVLM"
+    assert printed["data"]["class_path"] == "datamodules.CaptionPairsDataModule"
+
+
+def test_demo_fit_then_validate_from_checkpoint(tmp_path: Path) -> None:
+    proc = _run(["fit", "--config", "configs/demo.yaml", *_small(tmp_path, "grounded", steps=6)])
+    assert "report:" in proc.stdout and "CHAIRs" in proc.stdout
+    report = _report(tmp_path, "grounded")
+    assert report["step"] == 6 and report["settings"]["grounding"]["enabled"] is True
+    assert set(report["chair"]) >= {"CHAIRs", "CHAIRi", "Recall"} and "accuracy" in report["pope"]
+    assert "fork->knife" in report["probes"]
+    assert (tmp_path / "runs" / "grounded" / "version_0" / "grounding" / "grounding.safetensors").is_file()
+    last = tmp_path / "ckpt" / "grounded" / "last.ckpt"
+    val = _run(["validate", "--config", "configs/demo.yaml", *_small(tmp_path, "grounded", steps=6), "--ckpt_path", str(last)])
+    assert "report:" in val.stdout
+    again = _report(tmp_path, "grounded")
+    assert again["chair"] == report["chair"] and again["pope"] == report["pope"]
+
+
+def test_baseline_fit_runs_with_grounding_off(tmp_path: Path) -> None:
+    _run(["fit", "--config", "configs/demo_baseline.yaml", *_small(tmp_path, "baseline", steps=3)])
+    report = _report(tmp_path, "baseline")
+    assert report["settings"]["grounding"]["enabled"] is False and report["step"] == 3
+
+
+def test_killed_fit_resumes_with_identical_final_metrics(tmp_path: Path) -> None:
+    base = ["fit", "--config", "configs/demo.yaml"]
+    _run(base + _small(tmp_path / "a", "grounded", steps=10, every=5))
+    uninterrupted = _report(tmp_path / "a", "grounded")
+    crashed = base + _small(tmp_path / "b", "grounded", steps=10, every=5) + [
+        "--trainer.callbacks+=tests.cli_helpers.KillAtStep", "--trainer.callbacks.step=7"]
+    proc = _run(crashed, check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (tmp_path / "b" / "ckpt" / "grounded" / "last.ckpt").is_file()
+    assert not list((tmp_path / "b" / "runs" / "grounded").glob("version_*/report.json"))
+    killed_at = torch.load(tmp_path / "b" / "ckpt" / "grounded" / "last.ckpt", weights_only=True)["global_step"]
+    assert killed_at == 5  # resumes mid-epoch from step 5; steps 6-7 were lost with the crash
+    _run(base + _small(tmp_path / "b", "grounded", steps=10, every=5) + ["--ckpt_path", "last"])
+    resumed = _report(tmp_path / "b", "grounded")
+    final = [torch.load(tmp_path / run / "ckpt" / "grounded" / "last.ckpt", weights_only=True) for run in ("a", "b")]
+    assert final[0]["global_step"] == final[1]["global_step"] == 10
+    for name, tensor in final[0]["state_dict"].items():
+        assert torch.equal(tensor, final[1]["state_dict"][name]), f"{name} differs after resume"
+    assert resumed["step"] == uninterrupted["step"] == 10
+    assert resumed["chair"] == uninterrupted["chair"]
+    assert resumed["pope"] == uninterrupted["pope"]
+    assert [e["caption"] for e in resumed["examples"]] == [e["caption"] for e in uninterrupted["examples"]]
