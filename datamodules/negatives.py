@@ -302,9 +302,13 @@ def _match_case(template: str, word: str) -> str:
 # Attribute classes: a swap moves a word to another class of the same lexicon. "orange" is left out: it
 # is also a COCO category, so CHAIR would read it as a fruit.
 _COLOURS: tuple[frozenset[str], ...] = tuple(
-    frozenset(c.split()) for c in ("red", "blue", "green", "yellow", "white", "black", "brown", "pink", "purple", "gray grey")
+    frozenset(c.split())
+    for c in ("red", "blue", "green", "yellow", "white", "black", "brown", "pink", "purple", "gray grey")
 )
-_SIZES: tuple[frozenset[str], ...] = (frozenset({"small", "little", "tiny"}), frozenset({"large", "big", "huge", "giant", "enormous"}))
+_SIZES: tuple[frozenset[str], ...] = (
+    frozenset({"small", "little", "tiny"}),
+    frozenset({"large", "big", "huge", "giant", "enormous"}),
+)
 _ATTRIBUTE_CLASSES = {word: (lexicon, cls) for lexicon in (_COLOURS, _SIZES) for cls in lexicon for word in cls}
 
 # Words that may follow the end of a noun phrase; insertion after the object / count change need one,
@@ -316,7 +320,9 @@ _PHRASE_FOLLOWERS = frozenset(
 )
 _SINGULAR_VERBS = {"is": "are", "was": "were", "has": "have"}
 _PLURAL_VERBS = {v: k for k, v in _SINGULAR_VERBS.items()}
-_DETERMINERS = frozenset({"a", "an", "the", "some", "several", "many", "his", "her", "their", "its", "my", "our", *_NUMBERS})
+_DETERMINERS = frozenset(
+    {"a", "an", "the", "some", "several", "many", "his", "her", "their", "its", "my", "our", *_NUMBERS}
+)
 _DEFINITE = frozenset({"the", "these", "those", "his", "her", "their", "its", "my", "our", "your", "all"})
 
 
@@ -326,6 +332,13 @@ def _determiner_index(words: Sequence[_Word], first: int) -> int | None:
     while i >= 0 and words[i].lower in _ATTRIBUTE_CLASSES:
         i -= 1
     return i if i >= 0 else None
+
+
+def _starts_inner_phrase(source: str, words: Sequence[_Word], det: int) -> bool:
+    """Whether "<object> and " can go in front of the determiner at ``det``: a lower-case determiner
+    (not the capital that starts a sentence) that does not itself follow one ("the two dogs")."""
+    after_determiner = det > 0 and words[det - 1].lower in _DETERMINERS | _DEFINITE
+    return words[det].lower in _DETERMINERS and source[words[det].start].islower() and not after_determiner
 
 
 def _is_punctuation(word: str) -> bool:
@@ -393,7 +406,9 @@ def _set_article(words: Sequence[_Word], index: int | None, next_word: str, sour
     return [(word.start, word.end, _match_case(source[word.start : word.end], _article(next_word)))]
 
 
-def _object_swap(source: str, words: list[_Word], found: list[_Found], absent: list[str], rng: random.Random) -> Negative | None:
+def _object_swap(
+    source: str, words: list[_Word], found: list[_Found], absent: list[str], rng: random.Random
+) -> Negative | None:
     categories = _categories(found)
     for k in rng.sample(range(len(found)), len(found)):
         mention = found[k].mention
@@ -410,7 +425,9 @@ def _object_swap(source: str, words: list[_Word], found: list[_Found], absent: l
     return None
 
 
-def _object_insertion(source: str, words: list[_Word], found: list[_Found], absent: list[str], rng: random.Random) -> Negative | None:
+def _object_insertion(
+    source: str, words: list[_Word], found: list[_Found], absent: list[str], rng: random.Random
+) -> Negative | None:
     categories = _categories(found)
     choices = [c for c in absent if _category_form(c, False) is not None]
     places: list[tuple[int, int, bool]] = []  # (character position, index of the new mention, after?)
@@ -419,8 +436,7 @@ def _object_insertion(source: str, words: list[_Word], found: list[_Found], abse
         if _ends_phrase(words, f.last) and not followed_by_is:
             places.append((f.mention.end, k + 1, True))  # "a man and a cat riding"
         det = _determiner_index(words, f.first)
-        after_determiner = det is not None and det > 0 and words[det - 1].lower in _DETERMINERS | _DEFINITE
-        if det is not None and words[det].lower in _DETERMINERS and source[words[det].start].islower() and not after_determiner:
+        if det is not None and _starts_inner_phrase(source, words, det):
             places.append((words[det].start, k, False))  # "riding a cat and a motorcycle"
     if not choices:
         return None
@@ -488,7 +504,10 @@ def _count_change(source: str, words: list[_Word], found: list[_Found], rng: ran
             new_det = "one"  # "the two dogs" -> "the one dog"
         else:
             new_det = _article(after_det)
-        edits = [(det_word.start, det_word.end, _match_case(det_text, new_det)), (f.mention.start, f.mention.end, new_noun)]
+        edits = [
+            (det_word.start, det_word.end, _match_case(det_text, new_det)),
+            (f.mention.start, f.mention.end, new_noun),
+        ]
         table = _SINGULAR_VERBS if new_count > 1 else _PLURAL_VERBS
         verbs = [f.last + 1] if f.last + 1 < len(words) else []  # "a cup is" -> "two cups are"
         if det >= 2 and words[det - 2].lower == "there":
@@ -639,7 +658,9 @@ def char_labels(text: str, grounded: Sequence[Span], hallucinated: Sequence[Span
     return _fill(length, _check_spans(grounded, length, "grounded"), _check_spans(hallucinated, length, "hallucinated"))
 
 
-def token_labels(offsets: Sequence[Sequence[int]], grounded_spans: Sequence[Span], hallucinated_spans: Sequence[Span]) -> list[int]:
+def token_labels(
+    offsets: Sequence[Sequence[int]], grounded_spans: Sequence[Span], hallucinated_spans: Sequence[Span]
+) -> list[int]:
     """Per LM token: 1 if it covers part of a grounded object word, 0 of a hallucinated one, else -100.
 
     ``offsets`` is a tokenizer's ``offset_mapping`` over the same string the spans refer to; empty
