@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import random
-import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,7 +32,7 @@ from models.demo_backbone import TinyLlavaConfig
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 IGNORE = -100
 
 
@@ -111,7 +110,7 @@ def caption_rows(
     skip_missing: bool,
 ) -> tuple[list[dict], int]:
     """Training rows from COCO captions: positive, its object spans and one negative (if one applies)."""
-    from datamodules.negatives import find_object_mentions, make_negative
+    from datamodules.negatives import find_object_mentions, make_negative, positive_label_spans
 
     files, present, annotations = coco_split(coco_dir, split)
     vocabulary = sorted(set().union(*present.values()))  # swap in the dataset's own categories
@@ -127,9 +126,9 @@ def caption_rows(
             skipped += 1
             continue
         caption = ann["caption"].strip()
-        mentions = find_object_mentions(caption)
-        seen = present[image_id] | {m.category for m in mentions}
+        seen = present[image_id] | {m.category for m in find_object_mentions(caption)}
         negative = make_negative(caption, seen, rng, kinds=kinds, vocabulary=vocabulary)
+        grounded, _ = positive_label_spans(caption, seen)
         rows.append(
             {
                 "kind": "caption",
@@ -138,49 +137,25 @@ def caption_rows(
                 "reference": f"captions_{split}.json annotation {ann.get('id')}",
                 "prompt": prompt,
                 "target": caption,
-                "pos_spans": _spans((m.start, m.end) for m in mentions),
-                **_negative_fields(negative),
+                "pos_spans": _spans(grounded),
+                **_negative_fields(negative, seen),
             }
         )
     return rows, skipped
 
 
-def _negative_fields(negative: Any) -> dict:
+def _negative_fields(negative: Any, present: set[str]) -> dict:
     if negative is None:
         return {"neg_text": "", "neg_kind": "", "neg_grounded": [], "neg_hallucinated": []}
-    from datamodules.negatives import find_object_mentions
+    from datamodules.negatives import negative_label_spans
 
-    text = negative.text
-    changed = [_strip_span(text, s, e) for s, e in negative.spans]
-    mentions = find_object_mentions(text)
-    wrong = [m for m in mentions if any(m.start < e and s < m.end for s, e in changed)]
-    words: set[tuple[int, int]] = set()
-    if not negative.hallucinated_objects:
-        # attribute/count change: the changed word, and the object word its noun phrase now describes wrongly
-        wrong += [m for m in mentions for _, e in changed if m.start >= e and _same_phrase(text[e : m.start])]
-        words = set(changed)
-    grounded = [(m.start, m.end) for m in mentions if m not in wrong]
-    hallucinated = sorted(words | {(m.start, m.end) for m in wrong})  # swaps/insertions: the object words
+    grounded, hallucinated = negative_label_spans(negative, present)
     return {
         "neg_text": negative.text,
         "neg_kind": negative.kind,
         "neg_grounded": _spans(grounded),
         "neg_hallucinated": _spans(hallucinated),
     }
-
-
-def _strip_span(text: str, start: int, end: int) -> tuple[int, int]:
-    """(start, end) without surrounding whitespace."""
-    while start < end and text[start].isspace():
-        start += 1
-    while end > start and text[end - 1].isspace():
-        end -= 1
-    return start, end
-
-
-def _same_phrase(gap: str) -> bool:
-    """Text between a changed attribute/count word and a later object word keeps them in one noun phrase."""
-    return bool(re.fullmatch(r"[A-Za-z -]{0,24}", gap)) and " and " not in f" {gap} " and " with " not in f" {gap} "
 
 
 def pair_rows(path: Path, prompt: str, skip_missing: bool) -> tuple[list[dict], int]:

@@ -244,7 +244,8 @@ class GroundedVLM(LightningModule):
         if grounded and (lam_g or lam_c):
             scores, logits = nanmean_layers(rec), nanmean_layers(rec, logits=True)
             neg_scores = neg_logits = None
-            if "neg_input_ids" in batch:
+            needs_negatives = lam_c > 0 or self.objective.grounding_loss == "bce"
+            if needs_negatives and "neg_input_ids" in batch:
                 neg_rec = GroundingRecorder()
                 index = batch["neg_index"]
                 neg_inputs = {k: v[index] for k, v in self._model_inputs(batch).items()
