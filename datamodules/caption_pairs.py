@@ -198,10 +198,29 @@ def pair_rows(path: Path, prompt: str, skip_missing: bool) -> tuple[list[dict], 
     return rows, skipped
 
 
-def question_rows(path: Path, image_dir: Path, suffix: str, prompt_template: str, skip_missing: bool) -> tuple[list[dict], int]:
+def balanced_subset(questions: list[dict], per_image: int, rng: random.Random) -> list[dict]:
+    """Up to ``per_image`` questions per image, half "yes" and half "no" where the image has them."""
+    by_image: dict[str, dict[str, list[dict]]] = {}
+    for q in questions:
+        by_image.setdefault(q["image"], {}).setdefault(str(q["label"]).strip().lower(), []).append(q)
+    keep = set()
+    for labels in by_image.values():
+        for answer in ("yes", "no"):
+            pool = labels.get(answer, [])
+            keep.update(q["question_id"] for q in rng.sample(pool, min(len(pool), per_image // 2)))
+    return [q for q in questions if q["question_id"] in keep]
+
+
+def question_rows(
+    path: Path, image_dir: Path, suffix: str, prompt_template: str, skip_missing: bool,
+    per_image: int | None = None, rng: random.Random | None = None,
+) -> tuple[list[dict], int]:
     """Yes/no rows from a POPE-format JSON Lines file (``question_id, image, text, label``)."""
     rows, skipped, checked = [], 0, {}
-    for q in read_jsonl(path):
+    questions = read_jsonl(path)
+    if per_image is not None:
+        questions = balanced_subset(questions, per_image, rng or random.Random(0))
+    for q in questions:
         for key in ("question_id", "image", "text", "label"):
             if key not in q:
                 raise ValueError(f"{path}: question {q.get('question_id', '?')} lacks {key!r}")
@@ -367,6 +386,7 @@ class CaptionPairsDataModule(LightningDataModule):
         pairs_file: the source design's pair JSON; replaces the COCO captions for training.
         train_split, val_split: split names of the annotation files.
         questions: also train on ``questions_{train_split}.jsonl`` yes/no instructions (POPE format).
+        train_questions_per_image: train on at most this many questions per image (half yes, half no).
         world: generate the synthetic world into ``coco_dir`` when it is missing.
         demo_backbone: build the tiny demo backbone into ``processor`` when it is missing.
         caption_prompt: prompt of captioning rows (must contain the processor's image token if it needs one).
@@ -389,6 +409,7 @@ class CaptionPairsDataModule(LightningDataModule):
         train_split: str = "train",
         val_split: str = "val",
         questions: bool = True,
+        train_questions_per_image: int | None = None,
         world: WorldConfig | None = None,
         demo_backbone: TinyLlavaConfig | None = None,
         caption_prompt: str = "<image>\nDescribe the image.",
@@ -420,7 +441,9 @@ class CaptionPairsDataModule(LightningDataModule):
         self.image_dir = Path(image_dir) if image_dir else (self.coco_dir / "images" if self.coco_dir else None)
         self.pairs_file = Path(pairs_file) if pairs_file else None
         self.train_split, self.val_split = train_split, val_split
-        self.questions = questions
+        if train_questions_per_image is not None and (train_questions_per_image < 2 or train_questions_per_image % 2):
+            raise ValueError(f"data.train_questions_per_image must be an even number >= 2, got {train_questions_per_image}")
+        self.questions, self.train_questions_per_image = questions, train_questions_per_image
         self.world, self.demo_backbone = world, demo_backbone
         self.caption_prompt, self.question_prompt, self.question_suffix = caption_prompt, question_prompt, question_suffix
         from datamodules.negatives import ALL_KINDS
@@ -469,7 +492,7 @@ class CaptionPairsDataModule(LightningDataModule):
     def _cache_key(self, sources: list[Path]) -> str:
         digest = hashlib.sha256(f"pairs v{CACHE_VERSION}".encode())
         settings = [self.caption_prompt, self.question_prompt, self.question_suffix, self.negative_kinds,
-                    self.questions, self.skip_missing, self.seed, str(self.image_dir)]
+                    self.questions, self.train_questions_per_image, self.skip_missing, self.seed, str(self.image_dir)]
         digest.update(json.dumps(settings).encode())
         for path in sources:
             stat = path.stat()
@@ -506,7 +529,7 @@ class CaptionPairsDataModule(LightningDataModule):
         if use_questions:
             q_rows, q_skipped = question_rows(
                 question_file, self.image_dir / self.train_split, self.question_suffix, self.question_prompt,
-                self.skip_missing,
+                self.skip_missing, self.train_questions_per_image, rng,
             )
             rows, skipped = rows + q_rows, skipped + q_skipped
         if skipped:

@@ -160,3 +160,15 @@ def test_prepared_rows_are_cached(prepared: dict, caplog) -> None:
 def test_conflicting_world_and_coco_dir() -> None:
     with pytest.raises(ValueError, match="data.coco_dir .* and data.world.root .* disagree"):
         CaptionPairsDataModule(processor="x", coco_dir="a", world=WorldConfig(root="b"))
+
+
+def test_train_questions_subset_is_balanced(prepared: dict, tmp_path: Path) -> None:
+    dm = _dm(prepared, prepared["root"] / "world", train_questions_per_image=2, cache_dir=str(tmp_path))
+    rows = [r for r in dm._train_rows() if r["kind"] == "question"]
+    per_image: dict[str, list[str]] = {}
+    for r in rows:
+        per_image.setdefault(r["image"], []).append(r["target"])
+    assert len(per_image) == 24
+    assert all(sorted(answers) == ["no", "yes"] for answers in per_image.values())
+    with pytest.raises(ValueError, match="train_questions_per_image must be an even number"):
+        _dm(prepared, prepared["root"] / "world", train_questions_per_image=3)
