@@ -385,6 +385,7 @@ class CaptionPairsDataModule(LightningDataModule):
         image_dir: images of a split are ``{image_dir}/{split}/{file_name}`` (default ``{coco_dir}/images``).
         pairs_file: the source design's pair JSON; replaces the COCO captions for training.
         train_split, val_split: split names of the annotation files.
+        test_split: split of ``test`` and ``predict`` (default: ``val_split``).
         questions: also train on ``questions_{train_split}.jsonl`` yes/no instructions (POPE format).
         train_questions_per_image: train on at most this many questions per image (half yes, half no).
         world: generate the synthetic world into ``coco_dir`` when it is missing.
@@ -408,6 +409,7 @@ class CaptionPairsDataModule(LightningDataModule):
         pairs_file: str | None = None,
         train_split: str = "train",
         val_split: str = "val",
+        test_split: str | None = None,
         questions: bool = True,
         train_questions_per_image: int | None = None,
         world: WorldConfig | None = None,
@@ -440,7 +442,7 @@ class CaptionPairsDataModule(LightningDataModule):
         self.coco_dir = Path(coco_dir) if coco_dir else None
         self.image_dir = Path(image_dir) if image_dir else (self.coco_dir / "images" if self.coco_dir else None)
         self.pairs_file = Path(pairs_file) if pairs_file else None
-        self.train_split, self.val_split = train_split, val_split
+        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split or val_split
         if train_questions_per_image is not None and (train_questions_per_image < 2 or train_questions_per_image % 2):
             raise ValueError(f"data.train_questions_per_image must be an even number >= 2, got {train_questions_per_image}")
         self.questions, self.train_questions_per_image = questions, train_questions_per_image
@@ -458,6 +460,8 @@ class CaptionPairsDataModule(LightningDataModule):
         self.train_rows: list[dict] = []
         self.val_captions: list[dict] = []
         self.val_questions: list[dict] = []
+        self.test_captions: list[dict] = []
+        self.test_questions: list[dict] = []
 
     # ----------------------------------------------------------------- preparation (rank 0, once)
     def prepare_data(self) -> None:
@@ -556,35 +560,38 @@ class CaptionPairsDataModule(LightningDataModule):
         if stage in (None, "fit"):
             self.train_rows = self._train_rows()
         if stage in (None, "fit", "validate"):
-            self.val_captions, self.val_questions = self._val_rows()
+            self.val_captions, self.val_questions = self._eval_rows(self.val_split)
+        if stage in ("test", "predict"):
+            self.test_captions, self.test_questions = self._eval_rows(self.test_split)
 
-    def _val_rows(self) -> tuple[list[dict], list[dict]]:
+    def _eval_rows(self, split: str) -> tuple[list[dict], list[dict]]:
+        """One captioning prompt per image (CHAIR) and the split's questions (POPE)."""
         if self.coco_dir is None:
-            return [], []
-        files, _, _ = coco_split(self.coco_dir, self.val_split)
-        train_files = coco_split(self.coco_dir, self.train_split)[0] if self.pairs_file is None else {}
+            raise ValueError("evaluation needs data.coco_dir (COCO-format annotations of the evaluation split)")
+        files, _, _ = coco_split(self.coco_dir, split)
+        train_files = coco_split(self.coco_dir, self.train_split)[0] if split != self.train_split else {}
         overlap = set(files) & set(train_files)
         if overlap:
             raise ValueError(
                 f"{self.coco_dir}: image ids {sorted(overlap)[:5]} occur in both {self.train_split} and "
-                f"{self.val_split}; CHAIR ground truth needs unique ids"
+                f"{split}; CHAIR ground truth needs unique ids"
             )
-        image_dir = self.image_dir / self.val_split
+        image_dir = self.image_dir / split
         captions = []
         for image_id in sorted(files)[: self.max_val_images]:
             path = image_dir / files[image_id]
-            if check_image(path, f"instances_{self.val_split}.json image {image_id}", self.skip_missing):
+            if check_image(path, f"instances_{split}.json image {image_id}", self.skip_missing):
                 captions.append(
                     {"kind": "caption", "image": str(path), "image_id": int(image_id), "prompt": self.caption_prompt,
-                     "target": "", "reference": f"instances_{self.val_split}.json image {image_id}"}
+                     "target": "", "reference": f"instances_{split}.json image {image_id}"}
                 )
         questions = []
-        path = self._questions_file(self.val_split)
+        path = self._questions_file(split)
         if path.is_file():
             questions, _ = question_rows(path, image_dir, self.question_suffix, self.question_prompt, self.skip_missing)
             questions = questions[: self.max_val_questions]
         if not captions:
-            raise ValueError(f"no validation images in {self.coco_dir} split {self.val_split}")
+            raise ValueError(f"no evaluation images in {self.coco_dir} split {split}")
         return captions, questions
 
     # ----------------------------------------------------------------- loaders
@@ -606,15 +613,23 @@ class CaptionPairsDataModule(LightningDataModule):
             num_workers=self.num_workers, collate_fn=Collator(self.processor, "train"), trainer=trainer,
         )
 
+    def _generation_loader(self, rows: list[dict]) -> DataLoader:
+        return DataLoader(
+            RowDataset(rows), batch_size=self._per_device(self.val_batch_size), shuffle=False,
+            num_workers=self.num_workers, collate_fn=Collator(self.processor, "generate"),
+        )
+
     def val_dataloader(self) -> list[DataLoader]:
         loaders = [self.val_captions] + ([self.val_questions] if self.val_questions else [])
-        return [
-            DataLoader(
-                RowDataset(rows), batch_size=self._per_device(self.val_batch_size), shuffle=False,
-                num_workers=self.num_workers, collate_fn=Collator(self.processor, "generate"),
-            )
-            for rows in loaders
-        ]
+        return [self._generation_loader(rows) for rows in loaders]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        loaders = [self.test_captions] + ([self.test_questions] if self.test_questions else [])
+        return [self._generation_loader(rows) for rows in loaders]
+
+    def predict_dataloader(self) -> DataLoader:
+        """Captioning prompts of the test split: ``predict`` writes their captions."""
+        return self._generation_loader(self.test_captions)
 
     # ----------------------------------------------------------------- what validation needs
     def chair_ground_truth(self) -> dict:

@@ -8,7 +8,7 @@ from lightning.pytorch.cli import LightningCLI
 
 
 class SuiteCLI(LightningCLI):
-    """LightningCLI that prints ``report.md`` and the run directory after fit and validate."""
+    """LightningCLI that prints ``report.md`` and the run directory after fit, validate and test."""
 
     def _print_report(self) -> None:
         module = self.model
@@ -25,4 +25,7 @@ class SuiteCLI(LightningCLI):
         self._print_report()
 
     def after_validate(self) -> None:
+        self._print_report()
+
+    def after_test(self) -> None:
         self._print_report()

@@ -281,10 +281,11 @@ class GroundedVLM(LightningModule):
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "chair_ground_truth"):
             raise ValueError("GroundedVLM validation needs a datamodule with chair_ground_truth()")
-        if stage in ("fit", "validate"):
+        if stage in ("fit", "validate", "test"):
             self.chair = CHAIR(datamodule.chair_ground_truth(), mode=self.chair_mode, return_details=True)
             self.pope = POPE()
             self.probes = datamodule.hallucination_probes()
+        self._predictions: list[dict] = []
 
     def _generate(self, batch: dict, max_new_tokens: int) -> list[str]:
         inputs = self._model_inputs(batch)
@@ -305,19 +306,46 @@ class GroundedVLM(LightningModule):
             answers = self._generate(batch, self.generation.answer_max_new_tokens)
             self.pope.update(answers, batch["targets"])
 
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_end("test")
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        captions = self._generate(batch, self.generation.caption_max_new_tokens)
+        rows = [{"image_id": i, "caption": c} for i, c in zip(batch["image_ids"], captions)]
+        self._predictions += rows
+        return rows
+
+    def on_predict_epoch_end(self) -> None:
+        """``predictions.jsonl`` (one per process under DDP) in the run directory, scorable with ``score chair``."""
+        run_dir = self.run_dir()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        name = "predictions.jsonl" if self.trainer.world_size == 1 else f"predictions.rank{self.global_rank}.jsonl"
+        with open(run_dir / name, "w") as handle:
+            for row in self._predictions:
+                handle.write(json.dumps(row) + "\n")
+        log.info("wrote %d captions to %s", len(self._predictions), run_dir / name)
+        print(f"predictions: {run_dir / name}")
+        self._predictions = []
+
     def on_validation_epoch_end(self) -> None:
+        self._evaluation_end("val")
+
+    def _evaluation_end(self, stage: str) -> None:
         chair = {k: float(v) for k, v in self.chair.compute().items()}
         details = self.chair.details()
         pope = {k: float(v) for k, v in self.pope.compute().items()} if int(self.pope.tp + self.pope.fp + self.pope.tn + self.pope.fn) else {}
         probes = probe_rates(details, self.chair.ground_truth, self.probes)
-        metrics = {f"val/{k}": v for k, v in chair.items()}
-        metrics.update({f"val/pope_{k}": v for k, v in pope.items() if k in ("accuracy", "precision", "recall", "f1", "yes_ratio")})
+        metrics = {f"{stage}/{k}": v for k, v in chair.items()}
+        metrics.update({f"{stage}/pope_{k}": v for k, v in pope.items() if k in ("accuracy", "precision", "recall", "f1", "yes_ratio")})
         for name, probe in probes.items():
-            metrics[f"val/halluc_{name}"] = probe["rate_absent_with_anchor"]
+            metrics[f"{stage}/halluc_{name}"] = probe["rate_absent_with_anchor"]
         self.log_dict(metrics, prog_bar=False, sync_dist=False, rank_zero_only=True)
         self.chair.reset()
         self.pope.reset()
-        if self.trainer.sanity_checking:
+        if self.trainer.sanity_checking:  # (validation only) no report from the sanity check
             self._examples = []
             return
         by_id = {d["image_id"]: d for d in details}
@@ -325,6 +353,7 @@ class GroundedVLM(LightningModule):
                      "gt_objects": sorted(self.chair.ground_truth.get(e["image_id"], []))} for e in self._examples]
         self._examples = []
         self.last_report = {
+            "stage": stage,
             "epoch": self.current_epoch,
             "step": self.global_step,
             "chair": chair,
@@ -391,7 +420,7 @@ def _pct(x: float) -> str:
 def report_markdown(report: dict) -> str:
     chair, pope = report["chair"], report["pope"]
     lines = [
-        f"# Validation report (epoch {report['epoch']}, step {report['step']})",
+        f"# {'Test' if report.get('stage') == 'test' else 'Validation'} report (epoch {report['epoch']}, step {report['step']})",
         "",
         f"Backbone `{report['settings']['backbone']}`, grounding "
         f"{'on' if report['settings']['grounding']['enabled'] else 'off'}.",

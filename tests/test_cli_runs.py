@@ -74,6 +74,13 @@ def test_demo_fit_then_validate_from_checkpoint(tmp_path: Path) -> None:
     assert "report:" in val.stdout
     again = _report(tmp_path, "grounded")
     assert again["chair"] == report["chair"] and again["pope"] == report["pope"]
+    test = _run(["test", "--config", "configs/demo.yaml", *_small(tmp_path, "grounded", steps=6), "--ckpt_path", str(last)])
+    assert "# Test report" in test.stdout
+    assert _report(tmp_path, "grounded")["chair"] == report["chair"]  # the test split defaults to val
+    _run(["predict", "--config", "configs/demo.yaml", *_small(tmp_path, "grounded", steps=6), "--ckpt_path", str(last)])
+    predictions = sorted((tmp_path / "runs" / "grounded").glob("version_*/predictions.jsonl"))
+    rows = [json.loads(line) for line in predictions[-1].read_text().splitlines()]
+    assert len(rows) == 10 and [r["caption"] for r in rows[:6]] == [e["caption"] for e in report["examples"]]
 
 
 def test_baseline_fit_runs_with_grounding_off(tmp_path: Path) -> None:
