@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.world import WorldConfig
+from metrics.io import read_records
 from models.demo_backbone import TinyLlavaConfig
 
 log = logging.getLogger(__name__)
@@ -44,19 +45,6 @@ def read_json(path: Path) -> Any:
         raise FileNotFoundError(f"{path}: no such file") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: malformed JSON at line {number}: {err.msg}") from None
-    return rows
 
 
 def _coco_file(coco_dir: Path, kind: str, split: str) -> Path:
@@ -162,9 +150,7 @@ def pair_rows(path: Path, prompt: str, skip_missing: bool) -> tuple[list[dict], 
     """Rows from the source design's pair JSON (a list, or JSON Lines)."""
     from datamodules.negatives import find_object_mentions
 
-    records = read_jsonl(path) if path.suffix == ".jsonl" else read_json(path)
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a list of pair records")
+    records = read_records(path)
     rows, skipped = [], 0
     required = ("image_id", "image_path", "positive_caption", "negative_caption", "hallucinated_objects")
     for index, record in enumerate(records):
@@ -217,7 +203,7 @@ def question_rows(
 ) -> tuple[list[dict], int]:
     """Yes/no rows from a POPE-format JSON Lines file (``question_id, image, text, label``)."""
     rows, skipped, checked = [], 0, {}
-    questions = read_jsonl(path)
+    questions = read_records(path)
     if per_image is not None:
         questions = balanced_subset(questions, per_image, rng or random.Random(0))
     for q in questions:
@@ -483,7 +469,7 @@ class CaptionPairsDataModule(LightningDataModule):
             texts += [a["caption"] for a in coco_split(self.coco_dir, split)[2]]
             path = self._questions_file(split)
             if path.is_file():
-                texts += [q["text"] for q in read_jsonl(path)]
+                texts += [q["text"] for q in read_records(path)]
         return texts
 
     def _questions_file(self, split: str) -> Path:

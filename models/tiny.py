@@ -142,52 +142,32 @@ def tiny_llava_next() -> LlavaNextForConditionalGeneration:
     return LlavaNextForConditionalGeneration(config)
 
 
-def tiny_blip2_opt() -> Blip2ForConditionalGeneration:
+def _blip(config_class: type, model_class: type, text_config) -> PreTrainedModel:
     vision, qformer = _blip_vision_qformer()
-    config = Blip2Config(
+    config = config_class(
         vision_config=vision,
         qformer_config=qformer,
-        text_config=opt_config(),
+        text_config=text_config,
         num_query_tokens=NUM_QUERY_TOKENS,
         image_token_index=IMAGE_TOKEN_ID,
     )
-    return Blip2ForConditionalGeneration(config)
+    return model_class(config)
+
+
+def tiny_blip2_opt() -> Blip2ForConditionalGeneration:
+    return _blip(Blip2Config, Blip2ForConditionalGeneration, opt_config())
 
 
 def tiny_blip2_t5() -> Blip2ForConditionalGeneration:
-    vision, qformer = _blip_vision_qformer()
-    config = Blip2Config(
-        vision_config=vision,
-        qformer_config=qformer,
-        text_config=t5_config(),
-        num_query_tokens=NUM_QUERY_TOKENS,
-        image_token_index=IMAGE_TOKEN_ID,
-    )
-    return Blip2ForConditionalGeneration(config)
+    return _blip(Blip2Config, Blip2ForConditionalGeneration, t5_config())
 
 
 def tiny_instructblip_llama() -> InstructBlipForConditionalGeneration:
-    vision, qformer = _blip_vision_qformer()
-    config = InstructBlipConfig(
-        vision_config=vision,
-        qformer_config=qformer,
-        text_config=llama_config(),
-        num_query_tokens=NUM_QUERY_TOKENS,
-        image_token_index=IMAGE_TOKEN_ID,
-    )
-    return InstructBlipForConditionalGeneration(config)
+    return _blip(InstructBlipConfig, InstructBlipForConditionalGeneration, llama_config())
 
 
 def tiny_instructblip_t5() -> InstructBlipForConditionalGeneration:
-    vision, qformer = _blip_vision_qformer()
-    config = InstructBlipConfig(
-        vision_config=vision,
-        qformer_config=qformer,
-        text_config=t5_config(),
-        num_query_tokens=NUM_QUERY_TOKENS,
-        image_token_index=IMAGE_TOKEN_ID,
-    )
-    return InstructBlipForConditionalGeneration(config)
+    return _blip(InstructBlipConfig, InstructBlipForConditionalGeneration, t5_config())
 
 
 TINY_FACTORIES: dict[str, Callable[[], PreTrainedModel]] = {
