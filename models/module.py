@@ -8,8 +8,10 @@ absent, and writes ``report.json`` / ``report.md`` into the run directory.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -116,6 +118,16 @@ def contrastive_loss(pos_scores: Tensor, object_labels: Tensor, neg_scores: Tens
     return torch.stack(terms).mean()
 
 
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then constant or decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class GroundedVLM(LightningModule):
     """Any registry backbone (``models.BACKBONES``), grounded or plain, optionally with LoRA.
 
@@ -126,6 +138,7 @@ class GroundedVLM(LightningModule):
         lora: peft LoRA settings, or null for full fine-tuning.
         freeze_vision: freeze the vision tower (and Q-Former).
         lr, weight_decay, warmup_steps: AdamW with linear warm-up.
+        lr_schedule: after warm-up, ``constant``, or ``linear``/``cosine`` decay to 0 at the trainer's last step.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for loading the backbone.
         gradient_checkpointing: non-reentrant activation checkpointing of the language model.
         generation: lengths and beams of validation generation.
@@ -144,6 +157,7 @@ class GroundedVLM(LightningModule):
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "linear", "cosine"] = "linear",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         gradient_checkpointing: bool = False,
         generation: GenerationSettings | None = None,
@@ -160,7 +174,9 @@ class GroundedVLM(LightningModule):
                 "non-zero: the grounding terms would be computed from inert gates; set both lambdas to 0"
             )
         self.backbone, self.lora, self.freeze_vision = backbone, lora, freeze_vision
-        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        if lr_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"model.lr_schedule must be constant, linear or cosine, got {lr_schedule!r}")
+        self.lr, self.weight_decay, self.warmup_steps, self.lr_schedule = lr, weight_decay, warmup_steps, lr_schedule
         self.dtype_name, self.gradient_checkpointing = dtype, gradient_checkpointing
         self.generation = generation or GenerationSettings()
         self.chair_mode, self.report_examples, self.trust_remote_code = chair_mode, report_examples, trust_remote_code
@@ -176,6 +192,7 @@ class GroundedVLM(LightningModule):
                 "lr": lr,
                 "weight_decay": weight_decay,
                 "warmup_steps": warmup_steps,
+                "lr_schedule": lr_schedule,
                 "dtype": dtype,
                 "gradient_checkpointing": gradient_checkpointing,
                 "generation": asdict(self.generation),
@@ -221,6 +238,7 @@ class GroundedVLM(LightningModule):
         if self.gradient_checkpointing:
             base = model.get_base_model() if self.lora is not None else model
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
         self.model = model
         self.tokenizer = AutoProcessor.from_pretrained(self.backbone).tokenizer
 
@@ -270,8 +288,9 @@ class GroundedVLM(LightningModule):
     def configure_optimizers(self) -> dict:
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        warmup = max(self.warmup_steps, 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        total = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 0
+        factor = functools.partial(lr_factor, warmup=max(self.warmup_steps, 0), total=total, schedule=self.lr_schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- validation

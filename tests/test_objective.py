@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.module import IGNORE, ObjectiveConfig, contrastive_loss, grounding_loss, masked_mean, probe_rates
+from models.module import IGNORE, ObjectiveConfig, contrastive_loss, grounding_loss, lr_factor, masked_mean, probe_rates
 
 NAN = float("nan")
 
@@ -77,3 +77,13 @@ def test_probe_rates_count_companion_mentions() -> None:
     assert rates["rate_absent_with_anchor"] == 0.5 and rates["n_absent_with_anchor"] == 2
     assert rates["rate_absent_elsewhere"] == 0.0 and rates["n_absent_elsewhere"] == 1
     assert rates["recall_when_present"] == 1.0 and rates["n_present"] == 1
+
+
+def test_lr_schedules() -> None:
+    assert lr_factor(0, warmup=4, total=100, schedule="linear") == pytest.approx(1 / 5)
+    assert lr_factor(4, warmup=4, total=100, schedule="linear") == 1.0
+    assert lr_factor(52, warmup=4, total=100, schedule="linear") == pytest.approx(0.5)
+    assert lr_factor(100, warmup=4, total=100, schedule="linear") == 0.0
+    assert lr_factor(52, warmup=4, total=100, schedule="cosine") == pytest.approx(0.5)
+    assert lr_factor(76, warmup=4, total=100, schedule="cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert lr_factor(90, warmup=4, total=100, schedule="constant") == 1.0
