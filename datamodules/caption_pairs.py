@@ -95,28 +95,32 @@ def _spans(items: Sequence) -> list[list[int]]:
 
 def caption_rows(
     coco_dir: Path, split: str, image_dir: Path, prompt: str, rng: random.Random, kinds: Sequence[str],
-    skip_missing: bool,
+    skip_missing: bool, checked: dict[str, bool],
 ) -> tuple[list[dict], int]:
-    """Training rows from COCO captions: positive, its object spans and one negative (if one applies)."""
-    from datamodules.negatives import find_object_mentions, make_negative, positive_label_spans
+    """Training rows from COCO captions: positive, its object spans and one negative (if one applies).
+
+    ``checked`` caches image checks by path (shared with the question rows).
+    """
+    from datamodules.negatives import find_object_mentions, make_negative
 
     files, present, annotations = coco_split(coco_dir, split)
     vocabulary = sorted(set().union(*present.values()))  # swap in the dataset's own categories
-    rows, skipped, checked = [], 0, {}
+    rows, skipped = [], 0
     for ann in annotations:
         image_id = ann["image_id"]
         if image_id not in files:
             raise ValueError(f"captions_{split}.json: annotation {ann.get('id')} names unknown image {image_id}")
         path = image_dir / files[image_id]
-        if image_id not in checked:
-            checked[image_id] = check_image(path, f"captions_{split}.json annotation {ann.get('id')}", skip_missing)
-        if not checked[image_id]:
+        if str(path) not in checked:
+            checked[str(path)] = check_image(path, f"captions_{split}.json annotation {ann.get('id')}", skip_missing)
+        if not checked[str(path)]:
             skipped += 1
             continue
         caption = ann["caption"].strip()
-        seen = present[image_id] | {m.category for m in find_object_mentions(caption)}
+        mentions = find_object_mentions(caption)
+        seen = present[image_id] | {m.category for m in mentions}  # a caption's own mentions are grounded
         negative = make_negative(caption, seen, rng, kinds=kinds, vocabulary=vocabulary)
-        grounded, _ = positive_label_spans(caption, seen)
+        grounded = [(m.start, m.end) for m in mentions]
         rows.append(
             {
                 "kind": "caption",
@@ -199,10 +203,11 @@ def balanced_subset(questions: list[dict], per_image: int, rng: random.Random) -
 
 def question_rows(
     path: Path, image_dir: Path, suffix: str, prompt_template: str, skip_missing: bool,
-    per_image: int | None = None, rng: random.Random | None = None,
+    per_image: int | None = None, rng: random.Random | None = None, checked: dict[str, bool] | None = None,
 ) -> tuple[list[dict], int]:
     """Yes/no rows from a POPE-format JSON Lines file (``question_id, image, text, label``)."""
-    rows, skipped, checked = [], 0, {}
+    rows, skipped = [], 0
+    checked = {} if checked is None else checked
     questions = read_records(path)
     if per_image is not None:
         questions = balanced_subset(questions, per_image, rng or random.Random(0))
@@ -211,9 +216,9 @@ def question_rows(
             if key not in q:
                 raise ValueError(f"{path}: question {q.get('question_id', '?')} lacks {key!r}")
         image = image_dir / q["image"]
-        if q["image"] not in checked:
-            checked[q["image"]] = check_image(image, f"{path} question {q['question_id']}", skip_missing)
-        if not checked[q["image"]]:
+        if str(image) not in checked:
+            checked[str(image)] = check_image(image, f"{path} question {q['question_id']}", skip_missing)
+        if not checked[str(image)]:
             skipped += 1
             continue
         rows.append(
@@ -509,17 +514,18 @@ class CaptionPairsDataModule(LightningDataModule):
             log.info("training rows: %d loaded from cache %s", len(rows), cache)
             return rows
         rng = random.Random(self.seed)
+        checked: dict[str, bool] = {}
         if self.pairs_file:
             rows, skipped = pair_rows(self.pairs_file, self.caption_prompt, self.skip_missing)
         else:
             rows, skipped = caption_rows(
                 self.coco_dir, self.train_split, self.image_dir / self.train_split, self.caption_prompt, rng,
-                self.negative_kinds, self.skip_missing,
+                self.negative_kinds, self.skip_missing, checked,
             )
         if use_questions:
             q_rows, q_skipped = question_rows(
                 question_file, self.image_dir / self.train_split, self.question_suffix, self.question_prompt,
-                self.skip_missing, self.train_questions_per_image, rng,
+                self.skip_missing, self.train_questions_per_image, rng, checked,
             )
             rows, skipped = rows + q_rows, skipped + q_skipped
         if skipped:
