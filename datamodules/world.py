@@ -214,6 +214,23 @@ class WorldConfig:
     relative to other objects, and how far its colour stands out from the dark background: 1 = full colour,
     near 0 = invisible); ``clutter`` is the number of distractor specks per image and ``background_noise``
     the per-pixel noise (standard deviation, grey levels).
+
+    Default difficulty, measured with the demo-size tiny LLaVA (models.demo_backbone, 0.7M parameters),
+    LM loss only, AdamW 2e-3 with 20 warm-up steps and linear decay over 1,800 steps of 32, one seed, greedy
+    captions of the 200 val images: knife named on fork-without-knife probes / on images with a knife:
+
+    ==============================  ============  ============  ============
+    companion scale, contrast       600 steps     1,200 steps   1,800 steps
+    ==============================  ============  ============  ============
+    0.55, 0.50 (faint side)         88% / 81%     85% / 64%     89% / 75%
+    0.55, 0.55 (default)            76% / 70%     91% / 81%     50% / 96%
+    0.60, 0.50                      90% / 74%     79% / 91%     13% / 100%
+    0.60, 0.60                      80% / 64%      4% / 96%      3% / 100%
+    0.70, 0.75 (clearly visible)     3% / 94%      0% / 96%      0% / 96%
+    ==============================  ============  ============  ============
+
+    The step from "pure prior" to "no bias" is steep and runs with a constant learning rate swing widely
+    between checkpoints, so re-measure after changing the model or the schedule.
     """
 
     root: Path | str
@@ -227,7 +244,7 @@ class WorldConfig:
     max_objects: int = 4
     object_scale: tuple[float, float] = (0.6, 0.9)  # object size as a fraction of its grid cell
     companion_scale: float = 0.55
-    companion_contrast: float = 0.5
+    companion_contrast: float = 0.55
     clutter: int = 2
     background_noise: float = 6.0
     val_probe_fraction: float = 0.5  # val images that show an anchor without its companion
