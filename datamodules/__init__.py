@@ -1,6 +1,22 @@
-"""LightningDataModules: the synthetic hallucination world and caption-pair data."""
+"""LightningDataModules: the synthetic hallucination world and caption-pair data.
 
-from datamodules.caption_pairs import CaptionPairsDataModule
-from datamodules.world import WorldConfig, generate_world
+Names load on first use (PEP 562), so ``python -m datamodules.world`` does not import torch and Lightning.
+"""
 
-__all__ = ["CaptionPairsDataModule", "WorldConfig", "generate_world"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CaptionPairsDataModule": "datamodules.caption_pairs",
+    "WorldConfig": "datamodules.world",
+    "generate_world": "datamodules.world",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'datamodules' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
