@@ -86,10 +86,11 @@ def plain_block(model, optimizer, batches: list[dict]) -> list[float]:
     return times
 
 
-def lightning_block(module: GroundedVLM, dm: Batches, steps: int) -> list[float]:
+def lightning_block(module: GroundedVLM, dm: Batches, steps: int, root: Path) -> list[float]:
     timer = StepTimer()
     trainer = Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        default_root_dir=root, accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
+        enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=dm)
@@ -126,7 +127,7 @@ def main() -> None:
         for _ in range(args.blocks):
             times["plain loop, LM loss"] += plain_block(plain, optimizer, batches)[1:]
             for name, module in modules.items():
-                times[name] += lightning_block(module, data, args.steps)[1:]
+                times[name] += lightning_block(module, data, args.steps, Path(tmp) / "runs")[1:]
     negatives = sum(int(b["neg_index"].numel()) for b in batches if "neg_index" in b) / len(batches)
     bs = args.batch_size
     base_med, base_min = statistics.median(times["plain loop, LM loss"]), min(times["plain loop, LM loss"])
