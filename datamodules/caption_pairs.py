@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import random
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 

@@ -208,10 +208,10 @@ def _set_attn_implementation(language_model: nn.Module, name: str) -> None:
 
 def _feature_dim(attn: nn.Module, feature: str, language_model: nn.Module) -> int:
     config = language_model.config
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model")
+    hidden = getattr(config, "hidden_size", None) or config.d_model
     if feature == "hidden":
         return hidden
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads")
+    heads = getattr(config, "num_attention_heads", None) or config.num_heads
     head_dim = getattr(attn, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads
     if feature == "qk":
         return heads * head_dim
@@ -287,7 +287,7 @@ def set_grounding_enabled(model: nn.Module, enabled: bool) -> None:
 def gate_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Name -> the active GroundingGate of every grounded layer (unwrapping peft's modules_to_save)."""
     out = {}
-    for name, module in model.named_modules():
+    for module in model.modules():
         if getattr(module, META_ATTR, None) is None:
             continue
         gate = getattr(module, GATE_ATTR)

@@ -14,7 +14,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -246,7 +246,7 @@ class GroundedVLM(LightningModule):
         return self.model.get_base_model() if self.lora is not None else self.model
 
     # ----------------------------------------------------------------- training
-    def _model_inputs(self, batch: dict, prefix: str = "") -> dict:
+    def _model_inputs(self, batch: dict) -> dict:
         skip = {"labels", "object_labels", "neg_input_ids", "neg_attention_mask", "neg_object_labels", "neg_index",
                 "image_ids", "question_ids", "targets"}
         return {k: v for k, v in batch.items() if k not in skip}
@@ -403,6 +403,11 @@ class GroundedVLM(LightningModule):
             save_grounding(self._base(), self.run_dir() / "grounding")
 
 
+def _naming_rate(rows: list[dict], name: str) -> float:
+    """Share of captions that mention ``name`` (NaN without captions)."""
+    return sum(name in d["mentioned_objects"] for d in rows) / len(rows) if rows else float("nan")
+
+
 def probe_rates(details: list[dict], ground_truth: dict, probes: list[tuple[str, str]]) -> dict[str, dict]:
     """How often a caption names the companion where it is absent: with the anchor present, and elsewhere."""
     out = {}
@@ -411,15 +416,12 @@ def probe_rates(details: list[dict], ground_truth: dict, probes: list[tuple[str,
         elsewhere = [d for d in details if anchor not in ground_truth[d["image_id"]] and companion not in ground_truth[d["image_id"]]]
         present = [d for d in details if companion in ground_truth[d["image_id"]]]
 
-        def rate(rows: list[dict]) -> float:
-            return sum(companion in d["mentioned_objects"] for d in rows) / len(rows) if rows else float("nan")
-
         out[f"{anchor}->{companion}"] = {
-            "rate_absent_with_anchor": rate(with_anchor),
+            "rate_absent_with_anchor": _naming_rate(with_anchor, companion),
             "n_absent_with_anchor": len(with_anchor),
-            "rate_absent_elsewhere": rate(elsewhere),
+            "rate_absent_elsewhere": _naming_rate(elsewhere, companion),
             "n_absent_elsewhere": len(elsewhere),
-            "recall_when_present": rate(present),
+            "recall_when_present": _naming_rate(present, companion),
             "n_present": len(present),
         }
     return out

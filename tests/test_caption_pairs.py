@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from datamodules import CaptionPairsDataModule, WorldConfig
 from datamodules.caption_pairs import IGNORE

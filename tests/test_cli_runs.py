@@ -54,7 +54,7 @@ def _report(tmp: Path, name: str) -> dict:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
-def test_config_parses_against_the_cli(config: Path, tmp_path: Path) -> None:
+def test_config_parses_against_the_cli(config: Path) -> None:
     proc = _run(["fit", "--config", str(config), "--print_config"])
     printed = yaml.safe_load(proc.stdout)
     assert printed["model"]["class_path"] == "models.GroundedVLM"
