@@ -120,8 +120,8 @@ class GroundingMeta:
     feature: str
     cross: bool  # cross-attention (keys are encoder positions, every query is text)
     enabled: bool = True
-    hidden: Tensor | None = None  # stashed module input (B, T, D) for the `hidden` / cross `value` features
-    key_hidden: Tensor | None = None  # cross-attention: encoder states (B, S, D)
+    hidden: Tensor | None = None  # module input (B, T, D) stashed by a pre-hook until the attention call
+    key_hidden: Tensor | None = None  # cross-attention: encoder states (B, S, D), likewise
 
 
 class GroundingRecorder:
@@ -265,22 +265,25 @@ def _gather(x: Tensor, positions: Tensor) -> Tensor:
     return x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
 
 
-def _query_features(meta: GroundingMeta, module: nn.Module, query: Tensor, value: Tensor) -> Tensor:
-    """(B, T, D) features of the queries."""
+def _query_features(meta: GroundingMeta, module: nn.Module, query: Tensor, value: Tensor, hidden: Tensor | None) -> Tensor:
+    """(B, T, D) features of the queries; ``hidden`` is the module's input (B, T, D) when stashed."""
     t = query.shape[2]
     if meta.feature == "qk":
         return _flat(query)
     if meta.feature == "hidden" or meta.cross:
-        if meta.hidden is None:
+        if hidden is None:
             raise RuntimeError(f"grounded layer {meta.layer}: the module input was not stashed (hook missing)")
         if meta.feature == "hidden":
-            return meta.hidden
-        b, tq, _ = meta.hidden.shape
-        return module.v(meta.hidden).view(b, tq, -1)  # cross: the query token's own value vector W_v h_t
+            return hidden
+        b, tq, _ = hidden.shape
+        return module.v(hidden).view(b, tq, -1)  # cross: the query token's own value vector W_v h_t
     return _flat(value[:, :, -t:])
 
 
-def _image_features(meta: GroundingMeta, query: Tensor, key: Tensor, value: Tensor, positions: Tensor) -> Tensor:
+def _image_features(
+    meta: GroundingMeta, query: Tensor, key: Tensor, value: Tensor, positions: Tensor,
+    hidden: Tensor | None, key_hidden: Tensor | None,
+) -> Tensor:
     """(B, P, D) normalised features of the image keys."""
     if meta.feature == "qk":
         n_rep = query.shape[1] // key.shape[1]
@@ -288,11 +291,11 @@ def _image_features(meta: GroundingMeta, query: Tensor, key: Tensor, value: Tens
     elif meta.feature == "value":
         keys = _flat(value)
     elif meta.cross:
-        keys = meta.key_hidden
+        keys = key_hidden
     else:
-        if meta.hidden is None or meta.hidden.shape[1] != key.shape[2]:
+        if hidden is None or hidden.shape[1] != key.shape[2]:
             raise RuntimeError(f"grounded layer {meta.layer}: hidden feature needs the prefill's module input")
-        keys = meta.hidden
+        keys = hidden
     return F.normalize(_gather(keys, positions).float(), dim=-1)
 
 
@@ -336,6 +339,9 @@ def grounded_attention_forward(
     """
     state = kwargs.pop("grounding", None) or _ACTIVE_STATE.get()
     meta: GroundingMeta | None = getattr(module, META_ATTR, None)
+    hidden = key_hidden = None
+    if meta is not None:  # take the inputs the pre-hook stashed, so no activation outlives this call
+        hidden, key_hidden, meta.hidden, meta.key_hidden = meta.hidden, meta.key_hidden, None, None
     if meta is None or not meta.enabled:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if state is None:
@@ -358,10 +364,10 @@ def grounded_attention_forward(
     if cached is not None and cached.shape[0] == b and (meta.cross or t < s):
         f_img = cached
     else:
-        f_img = _image_features(meta, query, key, value, positions)  # (B, P, D)
+        f_img = _image_features(meta, query, key, value, positions, hidden, key_hidden)  # (B, P, D)
         if inference:
             state._features[meta.layer] = f_img
-    f_q = _query_features(meta, module, query, value).float()  # (B, T, D)
+    f_q = _query_features(meta, module, query, value, hidden).float()  # (B, T, D)
 
     if meta.cross:
         visible = pos_valid[:, None, :].expand(b, t, -1)
