@@ -94,11 +94,12 @@ def _spans(items: Sequence) -> list[list[int]]:
 
 def caption_rows(
     coco_dir: Path, split: str, image_dir: Path, prompt: str, rng: random.Random, kinds: Sequence[str],
-    skip_missing: bool, checked: dict[str, bool],
+    skip_missing: bool, checked: dict[str, bool], negative_fraction: float = 1.0,
 ) -> tuple[list[dict], int]:
     """Training rows from COCO captions: positive, its object spans and one negative (if one applies).
 
-    ``checked`` caches image checks by path (shared with the question rows).
+    A share ``negative_fraction`` of the rows (drawn from ``rng``) gets a negative. ``checked`` caches image
+    checks by path (shared with the question rows).
     """
     from datamodules.negatives import find_object_mentions, make_negative
 
@@ -118,7 +119,8 @@ def caption_rows(
         caption = ann["caption"].strip()
         mentions = find_object_mentions(caption)
         seen = present[image_id] | {m.category for m in mentions}  # a caption's own mentions are grounded
-        negative = make_negative(caption, seen, rng, kinds=kinds, vocabulary=vocabulary)
+        wanted = negative_fraction >= 1.0 or rng.random() < negative_fraction
+        negative = make_negative(caption, seen, rng, kinds=kinds, vocabulary=vocabulary) if wanted else None
         grounded = [(m.start, m.end) for m in mentions]
         rows.append(
             {
@@ -384,6 +386,8 @@ class CaptionPairsDataModule(LightningDataModule):
         question_prompt: template of question rows, ``{question}`` is replaced.
         question_suffix: appended to each question.
         negative_kinds: kinds of negatives made from COCO captions.
+        negative_fraction: share of caption rows that carry a negative (each one costs a forward/backward pass
+            of the grounding terms); the rest train the LM and the positive grounding term only.
         batch_size, val_batch_size: global batch sizes (divided by the world size).
         max_val_images, max_val_questions: cap validation work (first N, deterministic).
         skip_missing: skip (and count) rows whose image is missing or corrupt instead of failing.
@@ -408,6 +412,7 @@ class CaptionPairsDataModule(LightningDataModule):
         question_prompt: str = "<image>\n{question}",
         question_suffix: str = " Answer yes or no.",
         negative_kinds: list[str] | None = None,
+        negative_fraction: float = 1.0,
         batch_size: int = 32,
         val_batch_size: int = 64,
         num_workers: int = 0,
@@ -441,6 +446,9 @@ class CaptionPairsDataModule(LightningDataModule):
         from datamodules.negatives import ALL_KINDS
 
         self.negative_kinds = list(negative_kinds or ALL_KINDS)
+        if not 0.0 <= negative_fraction <= 1.0:
+            raise ValueError(f"data.negative_fraction must be in [0, 1], got {negative_fraction}")
+        self.negative_fraction = negative_fraction
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.max_val_images, self.max_val_questions = max_val_images, max_val_questions
         self.skip_missing = skip_missing
@@ -485,7 +493,7 @@ class CaptionPairsDataModule(LightningDataModule):
 
     def _cache_key(self, sources: list[Path]) -> str:
         digest = hashlib.sha256(f"pairs v{CACHE_VERSION}".encode())
-        settings = [self.caption_prompt, self.question_prompt, self.question_suffix, self.negative_kinds,
+        settings = [self.caption_prompt, self.question_prompt, self.question_suffix, self.negative_kinds, self.negative_fraction,
                     self.questions, self.train_questions_per_image, self.skip_missing, self.seed, str(self.image_dir)]
         digest.update(json.dumps(settings).encode())
         for path in sources:
@@ -516,10 +524,12 @@ class CaptionPairsDataModule(LightningDataModule):
         checked: dict[str, bool] = {}
         if self.pairs_file:
             rows, skipped = pair_rows(self.pairs_file, self.caption_prompt, self.skip_missing)
+            if self.negative_fraction < 1.0:
+                rows = [r if rng.random() < self.negative_fraction else {**r, **_negative_fields(None, set())} for r in rows]
         else:
             rows, skipped = caption_rows(
                 self.coco_dir, self.train_split, self.image_dir / self.train_split, self.caption_prompt, rng,
-                self.negative_kinds, self.skip_missing, checked,
+                self.negative_kinds, self.skip_missing, checked, self.negative_fraction,
             )
         if use_questions:
             q_rows, q_skipped = question_rows(

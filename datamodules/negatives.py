@@ -21,7 +21,7 @@ Object mentions follow CHAIR's ``lemma`` mode (:mod:`metrics.coco_objects`): the
 double words, ``toilet``/``seat`` rule and singulariser, so "object word" means the same thing in training
 labels and in the metric. spaCy tokenises (``spacy.blank("en")``, no model download) with its hyphen and
 slash infix rules removed and Treebank's always-split punctuation added, so its word boundaries match the
-ones CHAIR uses; each token's ``lemma_`` is set by CHAIR's rule-based singulariser. No POS model is used,
+ones CHAIR uses; each word's lemma is CHAIR's rule-based singular. No POS model is used,
 even where one is installed: labels must not depend on what happens to be installed.
 
 Token labels (DESIGN.md section 4): 1 on grounded object words, 0 on hallucinated ones, -100 elsewhere,
@@ -135,11 +135,8 @@ def _lower_same_length(text: str) -> str:
 
 
 def _tokenize(text: str) -> Doc:
-    """spaCy tokens of the lower-cased text (offsets = those of ``text``), ``lemma_`` = CHAIR singular."""
-    doc = _nlp().tokenizer(_lower_same_length(text))
-    for token in doc:
-        token.lemma_ = singularize_lemma(token.text)
-    return doc
+    """spaCy tokens of the lower-cased text (offsets = those of ``text``)."""
+    return _nlp().tokenizer(_lower_same_length(text))
 
 
 class _Word(NamedTuple):
@@ -164,7 +161,8 @@ _PLURAL_NODE_WORDS = frozenset({"skis", "scissors"})  # plural nouns that CHAIR'
 
 
 def _words(text: str) -> list[_Word]:
-    return [_Word(t.idx, t.idx + len(t.text), t.text, t.lemma_) for t in _tokenize(text) if not t.is_space]
+    """Non-space tokens with offsets, lower-cased text and CHAIR's singular."""
+    return [_Word(t.idx, t.idx + len(t.text), t.text, singularize_lemma(t.text)) for t in _tokenize(text) if not t.is_space]
 
 
 def _count(word: str) -> int | None:
@@ -174,8 +172,12 @@ def _count(word: str) -> int | None:
     return _COUNTS.get(word)
 
 
-def _scan(text: str) -> tuple[list[_Word], list[_Found]]:
-    """Words and COCO object mentions of ``text``, by CHAIR's ``lemma``-mode rules (module docstring)."""
+@lru_cache(maxsize=1 << 16)
+def _scan(text: str) -> tuple[tuple[_Word, ...], tuple[_Found, ...]]:
+    """Words and COCO object mentions of ``text``, by CHAIR's ``lemma``-mode rules (module docstring).
+
+    Cached (each caption is scanned for its mentions, its negative and both label sets): results are tuples.
+    """
     parser = get_parser("lemma")
     words = _words(text)
     merged: list[tuple[int, int, str]] = []  # first word, last word, merged lemma
@@ -200,7 +202,7 @@ def _scan(text: str) -> tuple[list[_Word], list[_Found]]:
         if det is not None and (_count(words[det].lower) or 0) > 1:
             plural = True  # "two sheep"
         found.append(_Found(Mention(start, end, text[start:end], parser.synonyms[lemma], plural), first, last))
-    return words, found
+    return tuple(words), tuple(found)
 
 
 def find_object_mentions(text: str) -> list[Mention]:

@@ -34,7 +34,7 @@ class TinyLlavaConfig:
     patch_size: int = 4
     vision_hidden: int = 64
     vision_layers: int = 2
-    text_hidden: int = 128
+    text_hidden: int = 64
     text_layers: int = 2
     text_heads: int = 4
     vocab_size: int = 384

@@ -118,6 +118,24 @@ def contrastive_loss(pos_scores: Tensor, object_labels: Tensor, neg_scores: Tens
     return torch.stack(terms).mean()
 
 
+def lm_loss(logits: Tensor, labels: Tensor, reduction: str) -> Tensor:
+    """Next-token cross-entropy of (B, T, V) logits against (B, T) labels (-100 = ignored).
+
+    ``token``: mean over every target token of the batch (Hugging Face's loss). ``sample``: mean over rows of
+    each row's token mean, so a one-word answer weighs as much as a long caption; rows without targets drop out.
+    """
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    tokens = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")  # (B, T-1)
+    mask = labels != IGNORE
+    if reduction == "token":
+        return tokens.sum() / mask.sum().clamp(min=1)
+    counts = mask.sum(1)  # (B,)
+    rows = counts > 0
+    if not bool(rows.any()):
+        return tokens.sum() * 0.0
+    return (tokens.sum(1)[rows] / counts[rows]).mean()
+
+
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     """Multiplier of the base learning rate: linear warm-up, then constant or decay to 0 at ``total``."""
     if step < warmup:
@@ -137,6 +155,8 @@ class GroundedVLM(LightningModule):
         objective: the loss weights; both lambdas must be 0 when grounding is disabled.
         lora: peft LoRA settings, or null for full fine-tuning.
         freeze_vision: freeze the vision tower (and Q-Former).
+        lm_loss_reduction: ``token`` (mean over all target tokens, as Hugging Face and LLaVA) or ``sample``
+            (mean of each row's token mean: short answers weigh as much as captions).
         lr, weight_decay, warmup_steps: AdamW with linear warm-up.
         lr_schedule: after warm-up, ``constant``, or ``linear``/``cosine`` decay to 0 at the trainer's last step.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for loading the backbone.
@@ -154,6 +174,7 @@ class GroundedVLM(LightningModule):
         objective: ObjectiveConfig | None = None,
         lora: LoraSettings | None = None,
         freeze_vision: bool = False,
+        lm_loss_reduction: Literal["token", "sample"] = "token",
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
@@ -174,6 +195,9 @@ class GroundedVLM(LightningModule):
                 "non-zero: the grounding terms would be computed from inert gates; set both lambdas to 0"
             )
         self.backbone, self.lora, self.freeze_vision = backbone, lora, freeze_vision
+        if lm_loss_reduction not in ("token", "sample"):
+            raise ValueError(f"model.lm_loss_reduction must be token or sample, got {lm_loss_reduction!r}")
+        self.lm_loss_reduction = lm_loss_reduction
         if lr_schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"model.lr_schedule must be constant, linear or cosine, got {lr_schedule!r}")
         self.lr, self.weight_decay, self.warmup_steps, self.lr_schedule = lr, weight_decay, warmup_steps, lr_schedule
@@ -189,6 +213,7 @@ class GroundedVLM(LightningModule):
                 "objective": asdict(self.objective),
                 "lora": asdict(lora) if lora else None,
                 "freeze_vision": freeze_vision,
+                "lm_loss_reduction": lm_loss_reduction,
                 "lr": lr,
                 "weight_decay": weight_decay,
                 "warmup_steps": warmup_steps,
@@ -255,8 +280,13 @@ class GroundedVLM(LightningModule):
         grounded = self.grounding.enabled
         rec = GroundingRecorder() if grounded else None
         extra = {"grounding_scores": rec} if grounded else {}
-        out = self.model(**self._model_inputs(batch), labels=batch["labels"], **extra)
-        loss, lm = out.loss, out.loss.detach()
+        if self.lm_loss_reduction == "token":
+            out = self.model(**self._model_inputs(batch), labels=batch["labels"], **extra)
+            loss = out.loss
+        else:
+            out = self.model(**self._model_inputs(batch), **extra)
+            loss = lm_loss(out.logits, batch["labels"], self.lm_loss_reduction)
+        lm = loss.detach()
         logs = {"train/lm": lm}
         lam_g, lam_c = self.objective.lambda_grounding, self.objective.lambda_contrastive
         if grounded and (lam_g or lam_c):
@@ -394,6 +424,7 @@ class GroundedVLM(LightningModule):
             "objective": asdict(self.objective),
             "lora": asdict(self.lora) if self.lora else None,
             "freeze_vision": self.freeze_vision,
+            "lm_loss_reduction": self.lm_loss_reduction,
             "lr": self.lr,
             "chair_mode": self.chair_mode,
         }

@@ -171,3 +171,22 @@ def test_train_questions_subset_is_balanced(prepared: dict, tmp_path: Path) -> N
     assert all(sorted(answers) == ["no", "yes"] for answers in per_image.values())
     with pytest.raises(ValueError, match="train_questions_per_image must be an even number"):
         _dm(prepared, prepared["root"] / "world", train_questions_per_image=3)
+
+
+def test_negative_fraction_keeps_a_share_of_the_negatives(prepared: dict, tmp_path: Path) -> None:
+    world = prepared["root"] / "world"
+    every = [r for r in prepared["dm"].train_rows if r["kind"] == "caption"]
+    none = [r for r in _dm(prepared, world, negative_fraction=0.0, cache_dir=str(tmp_path / "a"))._train_rows() if r["kind"] == "caption"]
+    half = [r for r in _dm(prepared, world, negative_fraction=0.5, cache_dir=str(tmp_path / "b"))._train_rows() if r["kind"] == "caption"]
+    assert [r["target"] for r in none] == [r["target"] for r in every] == [r["target"] for r in half]
+    assert not any(r["neg_text"] for r in none)
+    with_neg = sum(bool(r["neg_text"]) for r in every)
+    kept = sum(bool(r["neg_text"]) for r in half)
+    assert with_neg >= 60 and 0.25 * with_neg < kept < 0.75 * with_neg  # binomial(72, 0.5): far inside
+    for row in half:  # a kept negative still has its labels, a dropped one has none
+        assert bool(row["neg_text"]) == bool(row["neg_grounded"] or row["neg_hallucinated"])
+    dm = _dm(prepared, world, negative_fraction=0.0, cache_dir=str(tmp_path / "a"), batch_size=8)
+    dm.setup("fit")
+    assert "neg_input_ids" not in next(iter(dm.train_dataloader()))
+    with pytest.raises(ValueError, match=r"data.negative_fraction must be in \[0, 1\], got 1.5"):
+        _dm(prepared, world, negative_fraction=1.5)

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from models.module import IGNORE, ObjectiveConfig, contrastive_loss, grounding_loss, lr_factor, masked_mean, probe_rates
+from models.module import (
+    IGNORE, ObjectiveConfig, contrastive_loss, grounding_loss, lm_loss, lr_factor, masked_mean, probe_rates,
+)
 
 NAN = float("nan")
 
@@ -87,3 +89,24 @@ def test_lr_schedules() -> None:
     assert lr_factor(52, warmup=4, total=100, schedule="cosine") == pytest.approx(0.5)
     assert lr_factor(76, warmup=4, total=100, schedule="cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
     assert lr_factor(90, warmup=4, total=100, schedule="constant") == 1.0
+
+
+def test_lm_loss_token_matches_hugging_face_and_sample_matches_row_loop() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    ids = torch.randint(0, 50, (3, 9))
+    labels = ids.clone()
+    labels[0, :7] = IGNORE  # a two-token answer
+    labels[1, :2] = IGNORE  # a long caption
+    labels[2, :] = IGNORE  # no target: drops out of the sample mean
+    out = model(input_ids=ids, labels=labels)
+    assert lm_loss(out.logits, labels, "token").item() == pytest.approx(out.loss.item(), abs=1e-6)
+    rows = []
+    for row in range(2):
+        terms = [-torch.log_softmax(out.logits[row, t - 1], -1)[labels[row, t]] for t in range(1, 9) if labels[row, t] != IGNORE]
+        rows.append(torch.stack(terms).mean())
+    assert lm_loss(out.logits, labels, "sample").item() == pytest.approx(torch.stack(rows).mean().item(), abs=1e-6)
+    assert lm_loss(out.logits, torch.full_like(labels, IGNORE), "sample").item() == 0.0
