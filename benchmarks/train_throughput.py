@@ -7,7 +7,7 @@ with (a) the object grounding loss on the positives only and (b) the full object
 terms need a second forward/backward pass over the negative captions. Blocks of steps are interleaved (plain, lightning, plain, ...) and the script
 prints samples/s (median and best step) and the overhead ratio measured in this one run.
 
-    python benchmarks/train_throughput.py [--steps 20] [--blocks 3] [--batch-size 32]
+    python benchmarks/train_throughput.py [--steps 20] [--blocks 3] [--batch-size 32] [--text-hidden 64]
 """
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ class Batches(LightningDataModule):
         return []
 
 
-def collated(root: Path, batch_size: int, count: int) -> tuple[CaptionPairsDataModule, list[dict]]:
+def collated(root: Path, batch_size: int, count: int, backbone: TinyLlavaConfig) -> tuple[CaptionPairsDataModule, list[dict]]:
     dm = CaptionPairsDataModule(
         processor=str(root / "backbone"), world=WorldConfig(root=root / "world", num_train=400, num_val=20),
-        demo_backbone=TinyLlavaConfig(), batch_size=batch_size,
+        demo_backbone=backbone, batch_size=batch_size,
     )
     dm.prepare_data()
     dm.setup("fit")
@@ -102,9 +102,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per block")
     parser.add_argument("--blocks", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--text-hidden", type=int, default=TinyLlavaConfig.text_hidden, help="width of the text model")
+    parser.add_argument("--text-layers", type=int, default=TinyLlavaConfig.text_layers)
     args = parser.parse_args()
+    backbone = TinyLlavaConfig(text_hidden=args.text_hidden, text_layers=args.text_layers)
     with tempfile.TemporaryDirectory() as tmp:
-        real, batches = collated(Path(tmp), args.batch_size, args.steps)
+        real, batches = collated(Path(tmp), args.batch_size, args.steps, backbone)
         plain = AutoModelForImageTextToText.from_pretrained(Path(tmp) / "backbone").train()
         variants = {
             # the grounding term on positives only: Lightning + grounding scores + loss, no extra forward pass
@@ -131,7 +134,8 @@ def main() -> None:
     negatives = sum(int(b["neg_index"].numel()) for b in batches if "neg_index" in b) / len(batches)
     bs = args.batch_size
     base_med, base_min = statistics.median(times["plain loop, LM loss"]), min(times["plain loop, LM loss"])
-    print(f"CPU x{torch.get_num_threads()} threads; batch {bs} (+{negatives:.1f} negative captions per batch on "
+    print(f"demo backbone, text model {args.text_hidden} wide x {args.text_layers} layers; "
+          f"CPU x{torch.get_num_threads()} threads; batch {bs} (+{negatives:.1f} negative captions per batch on "
           f"average); {args.blocks} interleaved blocks of {args.steps} steps (first step of each block dropped)")
     print(f"{'':<30}{'samples/s med':>15}{'samples/s best':>16}{'ratio med':>11}{'ratio best':>12}")
     for name, values in times.items():
