@@ -242,6 +242,12 @@ class GroundedVLM(LightningModule):
             self.backbone, dtype=getattr(torch, self.dtype_name), trust_remote_code=self.trust_remote_code
         )
         add_grounding(model, self.grounding)
+        if getattr(model.config, "vision_feature_layer", None) is not None:
+            # LLaVA-style models read the vision tower's hidden states, never its pooled output: post_layernorm
+            # gets no gradient, which DDP rejects ("parameters that were not used in producing the loss").
+            for name, param in model.named_parameters():
+                if "vision_tower" in name and "post_layernorm" in name:
+                    param.requires_grad_(False)
         if self.freeze_vision:
             for name, module in model.named_children():
                 if name in ("vision_tower", "vision_model", "qformer") or (
