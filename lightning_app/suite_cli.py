@@ -12,9 +12,11 @@ class SuiteCLI(LightningCLI):
 
     def _print_report(self) -> None:
         module = self.model
-        if not self.trainer.is_global_zero or not hasattr(module, "run_dir"):
+        if not hasattr(module, "run_dir"):
             return
-        run_dir = Path(module.run_dir())
+        run_dir = Path(module.run_dir())  # trainer.log_dir is a broadcast under DDP: every rank must call it
+        if not self.trainer.is_global_zero:
+            return
         report = run_dir / "report.md"
         if report.is_file():
             print(f"\n{report.read_text()}\nreport: {report} (and report.json)\nrun directory: {run_dir}")

@@ -417,8 +417,9 @@ class GroundedVLM(LightningModule):
             "settings": self._settings(),
             "examples": examples,
         }
+        run_dir = self.run_dir()  # trainer.log_dir is a broadcast under DDP: every rank must call it
         if self.trainer.is_global_zero:
-            write_report(self.last_report, self.run_dir())
+            write_report(self.last_report, run_dir)
 
     def run_dir(self) -> Path:
         return Path(self.trainer.log_dir or self.trainer.default_root_dir)
@@ -436,8 +437,10 @@ class GroundedVLM(LightningModule):
         }
 
     def on_train_end(self) -> None:
-        if self.trainer.is_global_zero and self.grounding.enabled:
-            save_grounding(self._base(), self.run_dir() / "grounding")
+        if self.grounding.enabled:
+            run_dir = self.run_dir()  # a broadcast under DDP: on every rank
+            if self.trainer.is_global_zero:
+                save_grounding(self._base(), run_dir / "grounding")
 
 
 def _naming_rate(rows: list[dict], name: str) -> float:
