@@ -68,6 +68,36 @@ def coco_split(coco_dir: Path, split: str) -> tuple[dict[int, str], dict[int, se
     return files, present, captions["annotations"]
 
 
+def read_image_ids(path: Path) -> list[int]:
+    """Image ids from a file: one per line (``#`` comments allowed) or a JSON list; errors name file and line."""
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        try:
+            return [int(i) for i in json.loads(text)]
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: not a JSON list of integer image ids ({err})") from None
+    ids = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if not line.isdigit():
+            raise ValueError(f"{path}:{number}: expected an integer image id, got {line!r}")
+        ids.append(int(line))
+    if not ids:
+        raise ValueError(f"{path}: no image ids")
+    return ids
+
+
+def question_set_name(path: Path) -> str:
+    """Metric name of a question file: ``coco_pope_adversarial.json`` -> ``adversarial``, ``questions_val`` -> ``pope``."""
+    stem = path.name.split(".")[0]
+    for prefix in ("coco_pope_", "aokvqa_pope_", "gqa_pope_", "pope_"):
+        if stem.startswith(prefix):
+            return stem[len(prefix):]
+    return "pope" if stem.startswith("questions_") else stem
+
+
 def check_image(path: Path, reference: str, skip_missing: bool) -> bool:
     """True if ``path`` opens as an image; else an error naming the file and what references it."""
     try:
@@ -383,6 +413,7 @@ class CaptionPairsDataModule(LightningDataModule):
         world: generate the synthetic world into ``coco_dir`` when it is missing.
         demo_backbone: build the tiny demo backbone into ``processor`` when it is missing.
         caption_prompt: prompt of captioning rows (must contain the processor's image token if it needs one).
+        val_caption_prompt: prompt of the evaluation captions (CHAIR); default ``caption_prompt``.
         question_prompt: template of question rows, ``{question}`` is replaced.
         question_suffix: appended to each question.
         negative_kinds: kinds of negatives made from COCO captions.
@@ -390,6 +421,10 @@ class CaptionPairsDataModule(LightningDataModule):
             of the grounding terms); the rest train the LM and the positive grounding term only.
         batch_size, val_batch_size: global batch sizes (divided by the world size).
         max_val_images, max_val_questions: cap validation work (first N, deterministic).
+        val_image_ids: file of the evaluation split's image ids to caption (one per line, or a JSON list), e.g.
+            the 500 COCO val2014 ids of published CHAIR tables; default every image of the split.
+        val_question_files: POPE-format JSON Lines files answered in evaluation, each scored on its own
+            (named after the file); default ``questions_{split}.jsonl`` beside the annotations, if present.
         skip_missing: skip (and count) rows whose image is missing or corrupt instead of failing.
         cache_dir: where prepared rows are cached (``datasets``); default ``{coco_dir}/.cache``.
         seed: negatives are drawn from this seed.
@@ -409,6 +444,7 @@ class CaptionPairsDataModule(LightningDataModule):
         world: WorldConfig | None = None,
         demo_backbone: TinyLlavaConfig | None = None,
         caption_prompt: str = "<image>\nDescribe the image.",
+        val_caption_prompt: str | None = None,
         question_prompt: str = "<image>\n{question}",
         question_suffix: str = " Answer yes or no.",
         negative_kinds: list[str] | None = None,
@@ -418,6 +454,8 @@ class CaptionPairsDataModule(LightningDataModule):
         num_workers: int = 0,
         max_val_images: int | None = None,
         max_val_questions: int | None = None,
+        val_image_ids: str | None = None,
+        val_question_files: list[str] | None = None,
         skip_missing: bool = False,
         cache_dir: str | None = None,
         seed: int = 0,
@@ -451,15 +489,26 @@ class CaptionPairsDataModule(LightningDataModule):
         self.negative_fraction = negative_fraction
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.max_val_images, self.max_val_questions = max_val_images, max_val_questions
+        self.val_caption_prompt = val_caption_prompt if val_caption_prompt is not None else caption_prompt
+        self.val_image_ids = Path(val_image_ids) if val_image_ids else None
+        self.val_question_files = [Path(f) for f in val_question_files] if val_question_files else None
+        for path in [self.val_image_ids, *(self.val_question_files or [])]:
+            if path is not None and not path.is_file():
+                key = "val_image_ids" if path == self.val_image_ids else "val_question_files"
+                raise FileNotFoundError(f"data.{key}: no such file {path}")
+        if self.val_question_files:
+            names = [question_set_name(f) for f in self.val_question_files]
+            if len(set(names)) != len(names):
+                raise ValueError(f"data.val_question_files: names {names} must be unique (they name the POPE metrics)")
         self.skip_missing = skip_missing
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.seed = seed
         self.processor = None
         self.train_rows: list[dict] = []
         self.val_captions: list[dict] = []
-        self.val_questions: list[dict] = []
+        self.val_questions: dict[str, list[dict]] = {}
         self.test_captions: list[dict] = []
-        self.test_questions: list[dict] = []
+        self.test_questions: dict[str, list[dict]] = {}
 
     # ----------------------------------------------------------------- preparation (rank 0, once)
     def prepare_data(self) -> None:
@@ -565,8 +614,8 @@ class CaptionPairsDataModule(LightningDataModule):
         if stage in ("test", "predict"):
             self.test_captions, self.test_questions = self._eval_rows(self.test_split)
 
-    def _eval_rows(self, split: str) -> tuple[list[dict], list[dict]]:
-        """One captioning prompt per image (CHAIR) and the split's questions (POPE)."""
+    def _eval_rows(self, split: str) -> tuple[list[dict], dict[str, list[dict]]]:
+        """One captioning prompt per image (CHAIR) and each question set's rows (POPE), by set name."""
         if self.coco_dir is None:
             raise ValueError("evaluation needs data.coco_dir (COCO-format annotations of the evaluation split)")
         files, _, _ = coco_split(self.coco_dir, split)
@@ -578,22 +627,30 @@ class CaptionPairsDataModule(LightningDataModule):
                 f"{split}; CHAIR ground truth needs unique ids"
             )
         image_dir = self.image_dir / split
+        ids = sorted(files)
+        if self.val_image_ids is not None:
+            ids = read_image_ids(self.val_image_ids)
+            unknown = [i for i in ids if i not in files]
+            if unknown:
+                raise ValueError(
+                    f"data.val_image_ids ({self.val_image_ids}): {len(unknown)} ids are not images of "
+                    f"instances_{split}.json, e.g. {unknown[:5]}"
+                )
         captions = []
-        for image_id in sorted(files)[: self.max_val_images]:
+        for image_id in ids[: self.max_val_images]:
             path = image_dir / files[image_id]
             if check_image(path, f"instances_{split}.json image {image_id}", self.skip_missing):
                 captions.append(
-                    {"kind": "caption", "image": str(path), "image_id": int(image_id), "prompt": self.caption_prompt,
+                    {"kind": "caption", "image": str(path), "image_id": int(image_id), "prompt": self.val_caption_prompt,
                      "target": "", "reference": f"instances_{split}.json image {image_id}"}
                 )
-        questions = []
-        path = self._questions_file(split)
-        if path.is_file():
-            questions, _ = question_rows(path, image_dir, self.question_suffix, self.question_prompt, self.skip_missing)
-            questions = questions[: self.max_val_questions]
         if not captions:
             raise ValueError(f"no evaluation images in {self.coco_dir} split {split}")
-        return captions, questions
+        question_sets = {}
+        for path in self.val_question_files or [p for p in [self._questions_file(split)] if p.is_file()]:
+            rows, _ = question_rows(path, image_dir, self.question_suffix, self.question_prompt, self.skip_missing)
+            question_sets[question_set_name(path)] = rows[: self.max_val_questions]
+        return captions, question_sets
 
     # ----------------------------------------------------------------- loaders
     def _per_device(self, batch_size: int) -> int:
@@ -621,12 +678,19 @@ class CaptionPairsDataModule(LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
-        loaders = [self.val_captions] + ([self.val_questions] if self.val_questions else [])
-        return [self._generation_loader(rows) for rows in loaders]
+        """0: captioning prompts (CHAIR); 1..k: the question sets in ``question_sets()`` order (POPE)."""
+        return [self._generation_loader(rows) for rows in [self.val_captions, *self.val_questions.values()]]
 
     def test_dataloader(self) -> list[DataLoader]:
-        loaders = [self.test_captions] + ([self.test_questions] if self.test_questions else [])
-        return [self._generation_loader(rows) for rows in loaders]
+        return [self._generation_loader(rows) for rows in [self.test_captions, *self.test_questions.values()]]
+
+    def question_sets(self, stage: str = "val") -> list[str]:
+        """Names of the evaluation question sets, in loader order (loader i + 1 = set i)."""
+        loaded = self.test_questions if stage == "test" else self.val_questions
+        if loaded or self.val_question_files:
+            return list(loaded) or [question_set_name(f) for f in self.val_question_files]
+        split = self.test_split if stage == "test" else self.val_split
+        return ["pope"] if self.coco_dir is not None and self._questions_file(split).is_file() else []
 
     def predict_dataloader(self) -> DataLoader:
         """Captioning prompts of the test split: ``predict`` writes their captions."""

@@ -55,12 +55,16 @@ class ObjectiveConfig:
 
 @dataclass
 class LoraSettings:
-    """peft LoRA on the language model; grounding gates are always trained and saved with it."""
+    """peft LoRA on the language model; grounding gates are always trained and saved with it.
+
+    ``target_modules``: module-name suffixes (peft matches them anywhere, vision tower included) or one regular
+    expression that must match a module's full name, e.g. ``.*language_model.*\\.(q_proj|v_proj)``.
+    """
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     modules_to_save: list[str] = field(default_factory=list)
 
 
@@ -146,6 +150,41 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def check_backbone(backbone: str) -> None:
+    """A local path must exist; a hub id is ``name`` or ``org/name`` (resolved later by ``from_pretrained``)."""
+    path = Path(backbone).expanduser()
+    looks_local = path.is_absolute() or backbone.startswith((".", "~")) or backbone.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise FileNotFoundError(
+            f"model.backbone: no such directory {path} (a hub id looks like llava-hf/llava-1.5-7b-hf; a local "
+            "directory must hold config.json and the weights from save_pretrained)"
+        )
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.backbone: {path} has no config.json (not a save_pretrained directory)")
+
+
+@functools.lru_cache(maxsize=8)
+def is_encoder_decoder(backbone: str, trust_remote_code: bool = False) -> bool:
+    """Whether the backbone's language model is an encoder-decoder (BLIP-2 / InstructBLIP with Flan-T5)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(backbone, trust_remote_code=trust_remote_code)
+    return bool(getattr(config.get_text_config(), "is_encoder_decoder", False))
+
+
+def check_quantization(quantization: str, lora: LoraSettings | None) -> None:
+    if quantization not in ("none", "8bit", "4bit"):
+        raise ValueError(f"model.quantization must be none, 8bit or 4bit, got {quantization!r}")
+    if quantization == "none":
+        return
+    if lora is None:
+        raise ValueError(f"model.quantization {quantization} needs model.lora: quantized weights cannot be fine-tuned")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"model.quantization {quantization} needs bitsandbytes: pip install bitsandbytes")
+
+
 class GroundedVLM(LightningModule):
     """Any registry backbone (``models.BACKBONES``), grounded or plain, optionally with LoRA.
 
@@ -160,6 +199,10 @@ class GroundedVLM(LightningModule):
         lr, weight_decay, warmup_steps: AdamW with linear warm-up.
         lr_schedule: after warm-up, ``constant``, or ``linear``/``cosine`` decay to 0 at the trainer's last step.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for loading the backbone.
+        attn_implementation: passed to ``from_pretrained`` (``sdpa``, ``eager``, ``flash_attention_2``); it
+            applies to the vision tower / Q-Former, the language model runs the grounded sdpa layer.
+        quantization: ``8bit`` or ``4bit`` (NF4, QLoRA) loading through bitsandbytes; needs LoRA, CUDA and a
+            non-DeepSpeed strategy (checked before any weight is loaded).
         gradient_checkpointing: non-reentrant activation checkpointing of the language model.
         generation: lengths and beams of validation generation.
         chair_mode: ``reference`` or ``lemma`` (see docs/metrics.md).
@@ -180,6 +223,8 @@ class GroundedVLM(LightningModule):
         warmup_steps: int = 0,
         lr_schedule: Literal["constant", "linear", "cosine"] = "linear",
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str | None = None,
+        quantization: Literal["none", "8bit", "4bit"] = "none",
         gradient_checkpointing: bool = False,
         generation: GenerationSettings | None = None,
         chair_mode: Literal["reference", "lemma"] = "reference",
@@ -202,6 +247,8 @@ class GroundedVLM(LightningModule):
             raise ValueError(f"model.lr_schedule must be constant, linear or cosine, got {lr_schedule!r}")
         self.lr, self.weight_decay, self.warmup_steps, self.lr_schedule = lr, weight_decay, warmup_steps, lr_schedule
         self.dtype_name, self.gradient_checkpointing = dtype, gradient_checkpointing
+        self.attn_implementation, self.quantization = attn_implementation, quantization
+        check_quantization(quantization, lora)
         self.generation = generation or GenerationSettings()
         self.chair_mode, self.report_examples, self.trust_remote_code = chair_mode, report_examples, trust_remote_code
         # plain values only: checkpoints must load with torch.load(weights_only=True)
@@ -219,6 +266,8 @@ class GroundedVLM(LightningModule):
                 "warmup_steps": warmup_steps,
                 "lr_schedule": lr_schedule,
                 "dtype": dtype,
+                "attn_implementation": attn_implementation,
+                "quantization": quantization,
                 "gradient_checkpointing": gradient_checkpointing,
                 "generation": asdict(self.generation),
                 "chair_mode": chair_mode,
@@ -233,13 +282,20 @@ class GroundedVLM(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-        path = Path(self.backbone)
-        if (path.is_absolute() or self.backbone.startswith(".")) and not path.exists():
-            raise FileNotFoundError(f"model.backbone: no such directory {path}")
+        check_backbone(self.backbone)
+        kwargs = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
+        if self.quantization != "none":
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_8bit=self.quantization == "8bit", load_in_4bit=self.quantization == "4bit",
+                bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, self.dtype_name),
+            )
+            kwargs["device_map"] = {"": torch.device("cuda", torch.cuda.current_device())}
         model = AutoModelForImageTextToText.from_pretrained(
-            self.backbone, dtype=getattr(torch, self.dtype_name), trust_remote_code=self.trust_remote_code
+            self.backbone, dtype=getattr(torch, self.dtype_name), trust_remote_code=self.trust_remote_code, **kwargs
         )
         add_grounding(model, self.grounding)
         if getattr(model.config, "vision_feature_layer", None) is not None:
@@ -271,7 +327,7 @@ class GroundedVLM(LightningModule):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
         self.model = model
-        self.tokenizer = AutoProcessor.from_pretrained(self.backbone).tokenizer
+        self.tokenizer = AutoTokenizer.from_pretrained(self.backbone, trust_remote_code=self.trust_remote_code)
 
     def _base(self) -> torch.nn.Module:
         return self.model.get_base_model() if self.lora is not None else self.model
@@ -333,12 +389,29 @@ class GroundedVLM(LightningModule):
     def setup(self, stage: str) -> None:
         from metrics import CHAIR, POPE
 
+        check_backbone(self.backbone)  # after prepare_data (which may build the demo backbone), before any weight loads
+        if stage == "fit" and is_encoder_decoder(self.backbone, self.trust_remote_code):
+            raise ValueError(
+                f"model.backbone {self.backbone} has an encoder-decoder language model (Flan-T5): training it is not "
+                "supported yet (the caption-pair collator builds decoder-only sequences); validate and test work"
+            )
+        if self.trainer is not None and self.quantization != "none":
+            strategy = type(self.trainer.strategy).__name__
+            if "DeepSpeed" in strategy or "FSDP" in strategy:
+                raise ValueError(
+                    f"model.quantization {self.quantization} cannot be combined with {strategy}: quantized weights "
+                    "are not sharded; use trainer.strategy ddp (LoRA adapters are small) or quantization none"
+                )
+            if self.trainer.accelerator.__class__.__name__ != "CUDAAccelerator":
+                raise ValueError(f"model.quantization {self.quantization} needs trainer.accelerator gpu (bitsandbytes)")
+
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "chair_ground_truth"):
             raise ValueError("GroundedVLM validation needs a datamodule with chair_ground_truth()")
         if stage in ("fit", "validate", "test"):
             self.chair = CHAIR(datamodule.chair_ground_truth(), mode=self.chair_mode, return_details=True)
-            self.pope = POPE()
+            sets = datamodule.question_sets("test" if stage == "test" else "val") if hasattr(datamodule, "question_sets") else []
+            self.pope = torch.nn.ModuleDict({name: POPE() for name in sets})  # question loader i + 1 = set i
             self.probes = datamodule.hallucination_probes()
         self._predictions: list[dict] = []
 
@@ -348,7 +421,8 @@ class GroundedVLM(LightningModule):
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=self.generation.num_beams,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        new = out[:, inputs["input_ids"].shape[1]:]
+        # decoder-only generate returns prompt + new tokens; encoder-decoder returns the decoder's tokens only
+        new = out if is_encoder_decoder(self.backbone, self.trust_remote_code) else out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=True)]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -359,7 +433,7 @@ class GroundedVLM(LightningModule):
             self._examples += [{"image_id": i, "caption": c} for i, c in zip(batch["image_ids"], captions)][:max(room, 0)]
         else:
             answers = self._generate(batch, self.generation.answer_max_new_tokens)
-            self.pope.update(answers, batch["targets"])
+            list(self.pope.values())[dataloader_idx - 1].update(answers, batch["targets"])
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx)
@@ -391,15 +465,19 @@ class GroundedVLM(LightningModule):
     def _evaluation_end(self, stage: str) -> None:
         chair = {k: float(v) for k, v in self.chair.compute().items()}
         details = self.chair.details()
-        pope = {k: float(v) for k, v in self.pope.compute().items()} if int(self.pope.tp + self.pope.fp + self.pope.tn + self.pope.fn) else {}
+        pope = {name: {k: float(v) for k, v in metric.compute().items()} for name, metric in self.pope.items()
+                if int(metric.tp + metric.fp + metric.tn + metric.fn)}
         probes = probe_rates(details, self.chair.ground_truth, self.probes)
         metrics = {f"{stage}/{k}": v for k, v in chair.items()}
-        metrics.update({f"{stage}/pope_{k}": v for k, v in pope.items() if k in ("accuracy", "precision", "recall", "f1", "yes_ratio")})
+        for name, values in pope.items():  # one set named "pope" (the default questions file) logs as val/pope_*
+            prefix = f"{stage}/pope_" if name == "pope" else f"{stage}/pope_{name}_"
+            metrics.update({prefix + k: v for k, v in values.items() if k in ("accuracy", "precision", "recall", "f1", "yes_ratio")})
         for name, probe in probes.items():
             metrics[f"{stage}/halluc_{name}"] = probe["rate_absent_with_anchor"]
         self.log_dict(metrics, prog_bar=False, sync_dist=False, rank_zero_only=True)
         self.chair.reset()
-        self.pope.reset()
+        for metric in self.pope.values():
+            metric.reset()
         if self.trainer.sanity_checking:  # (validation only) no report from the sanity check
             self._examples = []
             return
@@ -478,21 +556,31 @@ def _pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:.1f}"
 
 
+def _mean_pope(pope: dict[str, dict[str, float]], key: str) -> float:
+    values = [m[key] for m in pope.values() if key in m]
+    return sum(values) / len(values) if values else float("nan")
+
+
 def report_markdown(report: dict) -> str:
     chair, pope = report["chair"], report["pope"]
+    label = "POPE" if len(pope) <= 1 else f"POPE mean of {len(pope)}:"
     lines = [
         f"# {'Test' if report.get('stage') == 'test' else 'Validation'} report (epoch {report['epoch']}, step {report['step']})",
         "",
         f"Backbone `{report['settings']['backbone']}`, grounding "
         f"{'on' if report['settings']['grounding']['enabled'] else 'off'}.",
         "",
-        "| CHAIRs | CHAIRi | Recall | POPE acc | POPE F1 | POPE yes-ratio |",
+        f"| CHAIRs | CHAIRi | Recall | {label} acc | POPE F1 | POPE yes-ratio |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
         f"| {_pct(chair['CHAIRs'])} | {_pct(chair['CHAIRi'])} | {_pct(chair['Recall'])} | "
-        f"{_pct(pope.get('accuracy', float('nan')))} | {_pct(pope.get('f1', float('nan')))} | "
-        f"{_pct(pope.get('yes_ratio', float('nan')))} |",
+        f"{_pct(_mean_pope(pope, 'accuracy'))} | {_pct(_mean_pope(pope, 'f1'))} | {_pct(_mean_pope(pope, 'yes_ratio'))} |",
         "",
     ]
+    if len(pope) > 1:
+        lines += ["| POPE set | accuracy | precision | recall | F1 | yes-ratio |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {name} | {_pct(m['accuracy'])} | {_pct(m['precision'])} | {_pct(m['recall'])} | {_pct(m['f1'])} | "
+                  f"{_pct(m['yes_ratio'])} |" for name, m in pope.items()]
+        lines.append("")
     if report["probes"]:
         lines += [
             "Biased companion named where absent (%):",

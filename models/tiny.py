@@ -154,16 +154,16 @@ def _blip(config_class: type, model_class: type, text_config) -> PreTrainedModel
     return model_class(config)
 
 
-def tiny_blip2_opt() -> Blip2ForConditionalGeneration:
-    return _blip(Blip2Config, Blip2ForConditionalGeneration, opt_config())
+def tiny_blip2_opt(**text_kwargs) -> Blip2ForConditionalGeneration:
+    return _blip(Blip2Config, Blip2ForConditionalGeneration, opt_config(**text_kwargs))
 
 
 def tiny_blip2_t5() -> Blip2ForConditionalGeneration:
     return _blip(Blip2Config, Blip2ForConditionalGeneration, t5_config())
 
 
-def tiny_instructblip_llama() -> InstructBlipForConditionalGeneration:
-    return _blip(InstructBlipConfig, InstructBlipForConditionalGeneration, llama_config())
+def tiny_instructblip_llama(**text_kwargs) -> InstructBlipForConditionalGeneration:
+    return _blip(InstructBlipConfig, InstructBlipForConditionalGeneration, llama_config(**text_kwargs))
 
 
 def tiny_instructblip_t5() -> InstructBlipForConditionalGeneration:

@@ -190,3 +190,42 @@ def test_negative_fraction_keeps_a_share_of_the_negatives(prepared: dict, tmp_pa
     assert "neg_input_ids" not in next(iter(dm.train_dataloader()))
     with pytest.raises(ValueError, match=r"data.negative_fraction must be in \[0, 1\], got 1.5"):
         _dm(prepared, world, negative_fraction=1.5)
+
+
+def test_val_image_ids_and_question_files(prepared: dict, tmp_path: Path) -> None:
+    world = prepared["root"] / "world"
+    val_ids = sorted(prepared["dm"].chair_ground_truth())[-8:]  # the val split's ids (train ids come first)
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text(f"# a fixed list\n{val_ids[5]}\n{val_ids[2]}\n")
+    questions = [json.loads(line) for line in (world / "annotations" / "questions_val.jsonl").read_text().splitlines()]
+    (tmp_path / "coco_pope_random.json").write_text("\n".join(json.dumps(q) for q in questions[:6]))
+    (tmp_path / "coco_pope_adversarial.json").write_text("\n".join(json.dumps(q) for q in questions[6:10]))
+    dm = _dm(prepared, world, val_image_ids=str(ids_file), val_caption_prompt="<image>\nDescribe it in detail.",
+             val_question_files=[str(tmp_path / "coco_pope_random.json"), str(tmp_path / "coco_pope_adversarial.json")])
+    dm.setup("validate")
+    assert [r["image_id"] for r in dm.val_captions] == [val_ids[5], val_ids[2]]  # the file's order
+    assert {r["prompt"] for r in dm.val_captions} == {"<image>\nDescribe it in detail."}
+    assert dm.question_sets() == ["random", "adversarial"]
+    assert [len(rows) for rows in dm.val_questions.values()] == [6, 4]
+    assert len(dm.val_dataloader()) == 3
+    ids_file.write_text(f"{val_ids[0]}\n12x\n")
+    with pytest.raises(ValueError, match=r"ids.txt:2: expected an integer image id, got '12x'"):
+        dm.setup("validate")
+    ids_file.write_text("[424242]")
+    with pytest.raises(ValueError, match=r"val_image_ids .*ids.txt.*: 1 ids are not images of instances_val.json"):
+        dm.setup("validate")
+    with pytest.raises(FileNotFoundError, match=r"data.val_question_files: no such file .*missing.json"):
+        _dm(prepared, world, val_question_files=[str(tmp_path / "missing.json")])
+
+
+def test_report_has_one_pope_row_per_question_set() -> None:
+    from models.module import report_markdown
+
+    pope = {"random": {"accuracy": 0.9, "precision": 0.8, "recall": 1.0, "f1": 0.88, "yes_ratio": 0.6},
+            "adversarial": {"accuracy": 0.7, "precision": 0.6, "recall": 1.0, "f1": 0.75, "yes_ratio": 0.8}}
+    report = {"stage": "val", "epoch": 0, "step": 1, "chair": {"CHAIRs": 0.5, "CHAIRi": 0.1, "Recall": 0.9},
+              "pope": pope, "probes": {}, "settings": {"backbone": "b", "grounding": {"enabled": True}}, "examples": []}
+    text = report_markdown(report)
+    assert "| 50.0 | 10.0 | 90.0 | 80.0 | 81.5 | 70.0 |" in text  # POPE columns: the mean of the 2 sets
+    assert "| random | 90.0 | 80.0 | 100.0 | 88.0 | 60.0 |" in text
+    assert "| adversarial | 70.0 | 60.0 | 100.0 | 75.0 | 80.0 |" in text

@@ -66,7 +66,7 @@ def test_demo_fit_then_validate_from_checkpoint(tmp_path: Path) -> None:
     assert "report:" in proc.stdout and "CHAIRs" in proc.stdout
     report = _report(tmp_path, "grounded")
     assert report["step"] == 6 and report["settings"]["grounding"]["enabled"] is True
-    assert set(report["chair"]) >= {"CHAIRs", "CHAIRi", "Recall"} and "accuracy" in report["pope"]
+    assert set(report["chair"]) >= {"CHAIRs", "CHAIRi", "Recall"} and "accuracy" in report["pope"]["pope"]
     assert "fork->knife" in report["probes"]
     assert (tmp_path / "runs" / "grounded" / "version_0" / "grounding" / "grounding.safetensors").is_file()
     last = tmp_path / "ckpt" / "grounded" / "last.ckpt"
