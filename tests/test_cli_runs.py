@@ -111,3 +111,13 @@ def test_killed_fit_resumes_with_identical_final_metrics(tmp_path: Path) -> None
     assert resumed["chair"] == uninterrupted["chair"]
     assert resumed["pope"] == uninterrupted["pope"]
     assert [e["caption"] for e in resumed["examples"]] == [e["caption"] for e in uninterrupted["examples"]]
+
+
+@pytest.mark.parametrize("config", ["demo.yaml", "demo_baseline.yaml"])
+def test_fast_dev_run_of_each_demo_config(config: str, tmp_path: Path) -> None:
+    proc = _run(["fit", "--config", f"configs/{config}", *_small(tmp_path, "dev"), "--trainer.fast_dev_run", "true"])
+    reports = list((tmp_path / "runs").rglob("report.json"))
+    assert len(reports) == 1, proc.stdout[-2000:]
+    report = json.loads(reports[0].read_text())
+    assert report["step"] == 1 and report["settings"]["grounding"]["enabled"] is (config == "demo.yaml")
+    assert len(report["examples"]) > 0  # one validation batch of captions was generated and scored
