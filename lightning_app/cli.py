@@ -32,3 +32,17 @@ def main(args: list[str] | None = None) -> None:
         args=argv,
         save_config_kwargs={"overwrite": True},
     )
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under DDP, ranks leave together: wait for every rank, then tear the process group down explicitly.
+
+    Left to interpreter exit, a rank that finishes first (rank 1, while rank 0 still writes the report) could
+    abort in teardown ("terminate called without an active exception") and fail the srun job step.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
