@@ -211,3 +211,33 @@ def test_validate_sh_reproduces_the_report_from_the_checkpoint(cluster: dict, sh
     validated, trained = _report(run, 0), _report(reference, 0)
     assert validated["stage"] == "val"
     assert validated["chair"] == trained["chair"] and validated["pope"] == trained["pope"]
+
+
+def test_sigusr1_before_the_time_limit_saves_requeues_and_resumes_from_the_hpc_checkpoint(
+        cluster: dict, shared: Path, tmp_path: Path) -> None:
+    """What #SBATCH --signal=SIGUSR1@90 triggers, sent now: Lightning saves hpc_ckpt_1.ckpt and requeues the job;
+    the restart resumes from it (no last.ckpt exists yet: checkpoints only every 80 steps)."""
+    run, steps = tmp_path / "signalled", 80
+    rc, job = _sbatch(cluster, run, shared, wait=False, extra=(
+        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+        "--trainer.callbacks.init_args.every_n_train_steps", str(steps)))
+    assert rc == 0 and job.isdigit(), job
+    deadline = time.monotonic() + 150
+    while "SLURM auto-requeueing enabled" not in _log(run):
+        assert time.monotonic() < deadline, f"training did not start ({_state(cluster, job)})\n{_log(run)[-4000:]}"
+        time.sleep(0.2)
+    time.sleep(1)
+    signal = subprocess.run(["scancel", "--signal=USR1", job], env=cluster, capture_output=True, text=True)
+    assert signal.returncode == 0, signal.stderr
+    deadline = time.monotonic() + 170
+    while not (state := _state(cluster, job)).startswith(("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")):
+        assert time.monotonic() < deadline, f"job {job} still {state}\n{_log(run)[-4000:]}"
+        time.sleep(0.5)
+    log = _log(run)
+    assert state.startswith("COMPLETED") and "restarts=1" in state, f"{state}\n{log[-6000:]}"
+    hpc = run / "runs" / "hpc_ckpt_1.ckpt"
+    assert "Handling auto-requeue signal" in log and f"Requeued SLURM job: {job}" in log, log[-6000:]
+    assert f"resuming from checkpoint {hpc}" in log and f"Restored all states from the checkpoint at {hpc}" in log
+    assert torch.load(hpc, weights_only=True, map_location="cpu")["global_step"] < steps
+    assert torch.load(run / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == steps
+    assert _report(run, 1)["step"] == steps
