@@ -239,5 +239,9 @@ def test_sigusr1_before_the_time_limit_saves_requeues_and_resumes_from_the_hpc_c
     assert "Handling auto-requeue signal" in log and f"Requeued SLURM job: {job}" in log, log[-6000:]
     assert f"resuming from checkpoint {hpc}" in log and f"Restored all states from the checkpoint at {hpc}" in log
     assert torch.load(hpc, weights_only=True, map_location="cpu")["global_step"] < steps
+    assert "`Trainer.fit` stopped: `max_steps=80` reached." in log
     assert torch.load(run / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == steps
-    assert _report(run, 1)["step"] == steps
+    # Lightning writes the hpc checkpoint from inside the signal handler, possibly in the middle of a step (batch
+    # fetched, optimizer step not yet counted): the resumed run then skips that batch and its report can say
+    # steps - 1 (seen in CI). Exact resumes need the step-boundary checkpoints (test above); see slurm/README.md.
+    assert _report(run, 1)["step"] in (steps - 1, steps)
