@@ -192,7 +192,11 @@ class GroundedVLM(LightningModule):
         backbone: hub id or local directory for ``from_pretrained`` (model and processor).
         grounding: ``GroundingConfig``; ``enabled: false`` keeps the identical code path with inert gates.
         objective: the loss weights; both lambdas must be 0 when grounding is disabled.
-        lora: peft LoRA settings, or null for full fine-tuning.
+        lora: peft LoRA settings, or null for full fine-tuning. With LoRA (or ``adapter``) checkpoints hold only
+            the trainable parameters (the backbone is reloaded from ``backbone``), and the end of training
+            writes the adapters + grounding gates with peft's ``save_pretrained`` into ``RUN_DIR/adapter``.
+        adapter: a peft adapter directory (a run's ``adapter/``) loaded onto the backbone, trainable, instead of
+            new LoRA weights: ``validate --model.init_args.adapter RUN_DIR/adapter`` evaluates a trained run.
         freeze_vision: freeze the vision tower (and Q-Former).
         lm_loss_reduction: ``token`` (mean over all target tokens, as Hugging Face and LLaVA) or ``sample``
             (mean of each row's token mean: short answers weigh as much as captions).
@@ -216,6 +220,7 @@ class GroundedVLM(LightningModule):
         grounding: GroundingConfig | None = None,
         objective: ObjectiveConfig | None = None,
         lora: LoraSettings | None = None,
+        adapter: str | None = None,
         freeze_vision: bool = False,
         lm_loss_reduction: Literal["token", "sample"] = "token",
         lr: float = 2e-4,
@@ -240,6 +245,11 @@ class GroundedVLM(LightningModule):
                 "non-zero: the grounding terms would be computed from inert gates; set both lambdas to 0"
             )
         self.backbone, self.lora, self.freeze_vision = backbone, lora, freeze_vision
+        if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"model.adapter: {adapter} holds no adapter_config.json (a run's adapter/ directory)")
+        self.adapter = adapter
+        self.peft = lora is not None or adapter is not None
+        self.strict_loading = not self.peft  # peft checkpoints hold the trainable parameters only
         if lm_loss_reduction not in ("token", "sample"):
             raise ValueError(f"model.lm_loss_reduction must be token or sample, got {lm_loss_reduction!r}")
         self.lm_loss_reduction = lm_loss_reduction
@@ -259,6 +269,7 @@ class GroundedVLM(LightningModule):
                 "grounding": asdict(self.grounding),
                 "objective": asdict(self.objective),
                 "lora": asdict(lora) if lora else None,
+                "adapter": adapter,
                 "freeze_vision": freeze_vision,
                 "lm_loss_reduction": lm_loss_reduction,
                 "lr": lr,
@@ -311,7 +322,11 @@ class GroundedVLM(LightningModule):
                 ):
                     target = module.vision_tower if name == "model" else module
                     target.requires_grad_(False)
-        if self.lora is not None:
+        if self.adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, self.adapter, is_trainable=True)
+        elif self.lora is not None:
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(
@@ -323,14 +338,20 @@ class GroundedVLM(LightningModule):
                 ),
             )
         if self.gradient_checkpointing:
-            base = model.get_base_model() if self.lora is not None else model
+            base = model.get_base_model() if self.peft else model
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
         self.model = model
         self.tokenizer = AutoTokenizer.from_pretrained(self.backbone, trust_remote_code=self.trust_remote_code)
 
     def _base(self) -> torch.nn.Module:
-        return self.model.get_base_model() if self.lora is not None else self.model
+        return self.model.get_base_model() if self.peft else self.model
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """With peft, keep only trainable parameters: the frozen backbone is reloaded from ``backbone``."""
+        if self.peft and "state_dict" in checkpoint:
+            trainable = {f"{name}" for name, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     # ----------------------------------------------------------------- training
     def _model_inputs(self, batch: dict) -> dict:
@@ -515,10 +536,13 @@ class GroundedVLM(LightningModule):
         }
 
     def on_train_end(self) -> None:
+        run_dir = self.run_dir()  # a broadcast under DDP: on every rank
+        if not self.trainer.is_global_zero:
+            return
         if self.grounding.enabled:
-            run_dir = self.run_dir()  # a broadcast under DDP: on every rank
-            if self.trainer.is_global_zero:
-                save_grounding(self._base(), run_dir / "grounding")
+            save_grounding(self._base(), run_dir / "grounding")
+        if self.peft:  # adapters + modules_to_save (grounding gates, projector) as safetensors
+            self.model.save_pretrained(run_dir / "adapter")
 
 
 def _naming_rate(rows: list[dict], name: str) -> float:

@@ -121,3 +121,31 @@ def test_fast_dev_run_of_each_demo_config(config: str, tmp_path: Path) -> None:
     report = json.loads(reports[0].read_text())
     assert report["step"] == 1 and report["settings"]["grounding"]["enabled"] is (config == "demo.yaml")
     assert len(report["examples"]) > 0  # one validation batch of captions was generated and scored
+
+
+def test_lora_run_saves_small_checkpoints_and_validates_from_either(tmp_path: Path) -> None:
+    lora = ["--model.init_args.lora", json.dumps({"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})]
+    _run(["fit", "--config", "configs/demo.yaml", *_small(tmp_path, "lora", steps=4), *lora])
+    report = _report(tmp_path, "lora")
+    ckpt = torch.load(tmp_path / "ckpt" / "lora" / "last.ckpt", weights_only=True)
+    keys = list(ckpt["state_dict"])
+    assert keys and all("lora_" in k or "grounding_gate" in k for k in keys), keys[:5]  # trainable only
+    adapter = tmp_path / "runs" / "lora" / "version_0" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
+    from_ckpt = _run(["validate", "--config", "configs/demo.yaml", *_small(tmp_path, "lora", steps=4), *lora,
+                      "--ckpt_path", str(tmp_path / "ckpt" / "lora" / "last.ckpt")])
+    assert "report:" in from_ckpt.stdout
+    assert _report(tmp_path, "lora")["chair"] == report["chair"]
+    _run(["validate", "--config", "configs/demo.yaml", *_small(tmp_path, "lora", steps=4),
+          "--model.init_args.adapter", str(adapter)])
+    again = _report(tmp_path, "lora")
+    assert again["chair"] == report["chair"] and again["pope"] == report["pope"]
+    assert [e["caption"] for e in again["examples"]] == [e["caption"] for e in report["examples"]]
+    from models import GroundedVLM, GroundingConfig
+
+    loaded = GroundedVLM(backbone=str(tmp_path / "backbone"), grounding=GroundingConfig(layers=[-1]), adapter=str(adapter))
+    loaded.configure_model()
+    state = loaded.state_dict()
+    assert any(("lora_B" in k) and ckpt["state_dict"][k].abs().sum() > 0 for k in keys)  # the adapters did train
+    for key in keys:  # the adapter directory holds exactly the checkpoint's trained tensors
+        assert torch.equal(state[key], ckpt["state_dict"][key]), key
