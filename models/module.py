@@ -350,7 +350,7 @@ class GroundedVLM(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """With peft, keep only trainable parameters: the frozen backbone is reloaded from ``backbone``."""
         if self.peft and "state_dict" in checkpoint:
-            trainable = {f"{name}" for name, p in self.named_parameters() if p.requires_grad}
+            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     # ----------------------------------------------------------------- training
@@ -443,7 +443,8 @@ class GroundedVLM(LightningModule):
             pad_token_id=self.tokenizer.pad_token_id,
         )
         # decoder-only generate returns prompt + new tokens; encoder-decoder returns the decoder's tokens only
-        new = out if is_encoder_decoder(self.backbone, self.trust_remote_code) else out[:, inputs["input_ids"].shape[1]:]
+        encoder_decoder = getattr(self._base().config.get_text_config(), "is_encoder_decoder", False)
+        new = out if encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=True)]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
