@@ -319,13 +319,18 @@ class ResumableLoader(DataLoader):
 class Collator:
     """Builds model inputs with the backbone's processor.
 
-    ``train``: right-padded ``prompt + target + eos`` with LM labels on the target only, object-token labels
-    (1 = grounded object word) and, for rows with a negative, a second batch ``neg_*`` of the negative
-    captions with 1/0 labels (grounded / hallucinated object words). ``generate``: left-padded prompts.
+    ``train``, decoder-only: right-padded ``prompt + target + eos`` with LM labels on the target only and
+    object-token labels (1 = grounded object word) on the positions whose input is that word. Encoder-decoder
+    (``decoder_start_token_id`` set: BLIP-2 / InstructBLIP with Flan-T5): the prompt is the encoder input, the
+    labels are ``target + eos`` and the decoder input is the target shifted right behind the start token, so
+    object labels sit on the decoder positions whose input is the word, as in the decoder-only layout. Rows
+    with a negative add ``neg_*`` inputs (the negative caption in the same layout; the model inputs the
+    negative pass shares with the positive one are taken at ``neg_index``) with 1/0 labels (grounded /
+    hallucinated object words). ``generate``: left-padded prompts.
     """
 
-    def __init__(self, processor: Any, mode: str) -> None:
-        self.processor, self.mode = processor, mode
+    def __init__(self, processor: Any, mode: str, decoder_start_token_id: int | None = None) -> None:
+        self.processor, self.mode, self.decoder_start = processor, mode, decoder_start_token_id
         self.tokenizer = processor.tokenizer
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
@@ -334,8 +339,20 @@ class Collator:
         enc = self.processor(images=[r["pixels"] for r in rows], text=[r["prompt"] for r in rows], return_tensors=None)
         ids = [list(x) for x in enc["input_ids"]]
         pixel_values = torch.as_tensor(np.stack(enc["pixel_values"]))
-        extra = {k: torch.as_tensor(v) for k, v in enc.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
+        extra = {k: self._extra(k, v) for k, v in enc.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
         return ids, pixel_values, extra
+
+    def _extra(self, key: str, value: Any) -> Tensor:
+        """Further processor outputs; ragged ones (InstructBLIP's Q-Former prompt) right-padded."""
+        if not isinstance(value, list) or not value or not isinstance(value[0], (list, tuple)):
+            return torch.as_tensor(np.asarray(value))
+        if key.endswith("attention_mask"):
+            fill = 0
+        else:
+            qformer = getattr(self.processor, "qformer_tokenizer", None)
+            tokenizer = qformer if key.startswith("qformer") and qformer is not None else self.tokenizer
+            fill = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return self._pad([list(v) for v in value], fill)
 
     def _target(self, text: str, grounded: Sequence, hallucinated: Sequence) -> tuple[list[int], list[int]]:
         from datamodules.negatives import token_labels
@@ -350,37 +367,55 @@ class Collator:
         width = max(len(s) for s in seqs)
         return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
 
+    def _mask(self, seqs: list[list[int]]) -> Tensor:
+        return self._pad([[1] * len(s) for s in seqs], 0)
+
     def __call__(self, rows: Sequence[dict]) -> dict[str, Any]:
         return self.train(rows) if self.mode == "train" else self.generate(rows)
 
     def train(self, rows: Sequence[dict]) -> dict[str, Any]:
         prompts, pixel_values, extra = self._prompts(rows)
-        ids, lm_labels, obj_labels = [], [], []
-        neg_ids, neg_labels, neg_index = [], [], []
-        for i, (row, prompt) in enumerate(zip(rows, prompts)):
-            target, objects = self._target(row["target"], row.get("pos_spans") or [], [])
-            ids.append(prompt + target)
-            lm_labels.append([IGNORE] * len(prompt) + target)
-            obj_labels.append([IGNORE] * len(prompt) + objects)
+        targets, objects, negatives, neg_objects, neg_index = [], [], [], [], []
+        for i, row in enumerate(rows):
+            target, labels = self._target(row["target"], row.get("pos_spans") or [], [])
+            targets.append(target)
+            objects.append(labels)
             if row.get("neg_text"):
                 neg, labels = self._target(row["neg_text"], row["neg_grounded"], row["neg_hallucinated"])
-                neg_ids.append(prompt + neg)
-                neg_labels.append([IGNORE] * len(prompt) + labels)
+                negatives.append(neg)
+                neg_objects.append(labels)
                 neg_index.append(i)
-        batch = {
-            "input_ids": self._pad(ids, self.pad_id),
-            "labels": self._pad(lm_labels, IGNORE),
-            "object_labels": self._pad(obj_labels, IGNORE),
-            "pixel_values": pixel_values,
-            **extra,
-        }
-        batch["attention_mask"] = (self._pad([[1] * len(s) for s in ids], 0)).long()
-        if neg_ids:
-            batch["neg_input_ids"] = self._pad(neg_ids, self.pad_id)
-            batch["neg_attention_mask"] = self._pad([[1] * len(s) for s in neg_ids], 0)
-            batch["neg_object_labels"] = self._pad(neg_labels, IGNORE)
+        layout = self._decoder_only if self.decoder_start is None else self._encoder_decoder
+        batch = {**layout(prompts, targets, objects), "pixel_values": pixel_values, **extra}
+        if negatives:
+            inputs = layout([prompts[i] for i in neg_index], negatives, neg_objects)
+            batch["neg_object_labels"] = inputs.pop("object_labels")
+            inputs.pop("labels")
+            if self.decoder_start is not None:  # the encoder input is the positive row's: taken at neg_index
+                inputs.pop("input_ids"), inputs.pop("attention_mask")
+            batch.update({f"neg_{k}": v for k, v in inputs.items()})
             batch["neg_index"] = torch.tensor(neg_index, dtype=torch.long)
         return batch
+
+    def _decoder_only(self, prompts: list[list[int]], targets: list[list[int]], objects: list[list[int]]) -> dict[str, Tensor]:
+        ids = [p + t for p, t in zip(prompts, targets)]
+        return {
+            "input_ids": self._pad(ids, self.pad_id),
+            "attention_mask": self._mask(ids),
+            "labels": self._pad([[IGNORE] * len(p) + t for p, t in zip(prompts, targets)], IGNORE),
+            "object_labels": self._pad([[IGNORE] * len(p) + o for p, o in zip(prompts, objects)], IGNORE),
+        }
+
+    def _encoder_decoder(self, prompts: list[list[int]], targets: list[list[int]], objects: list[list[int]]) -> dict[str, Tensor]:
+        decoder = [[self.decoder_start] + t[:-1] for t in targets]  # decoder input j is target token j - 1
+        return {
+            "input_ids": self._pad(prompts, self.pad_id),
+            "attention_mask": self._mask(prompts),
+            "decoder_input_ids": self._pad(decoder, self.pad_id),
+            "decoder_attention_mask": self._mask(decoder),
+            "labels": self._pad(targets, IGNORE),
+            "object_labels": self._pad([[IGNORE] + o[:-1] for o in objects], IGNORE),
+        }
 
     def generate(self, rows: Sequence[dict]) -> dict[str, Any]:
         prompts, pixel_values, extra = self._prompts(rows)
@@ -396,6 +431,24 @@ class Collator:
             "question_ids": [r.get("question_id", -1) for r in rows],
             "targets": [r["target"] for r in rows],
         }
+
+
+def decoder_start_token_id(source: str) -> int | None:
+    """The decoder start token if ``source`` (a processor's hub id or directory) holds an encoder-decoder
+    backbone's config (BLIP-2 / InstructBLIP with Flan-T5); None for decoder-only or where there is no config."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError):
+        return None  # a processor-only directory: GroundedVLM rejects the batch if its model is encoder-decoder
+    text = config.get_text_config()
+    if not getattr(text, "is_encoder_decoder", False):
+        return None
+    start = text.decoder_start_token_id if text.decoder_start_token_id is not None else text.pad_token_id
+    if start is None:
+        raise ValueError(f"{source}: encoder-decoder config without decoder_start_token_id or pad_token_id")
+    return int(start)
 
 
 class CaptionPairsDataModule(LightningDataModule):
@@ -668,7 +721,8 @@ class CaptionPairsDataModule(LightningDataModule):
             )
         return ResumableLoader(
             dataset, batch_size=self._per_device(self.batch_size), sampler=sampler, drop_last=True,
-            num_workers=self.num_workers, collate_fn=Collator(self.processor, "train"), trainer=trainer,
+            num_workers=self.num_workers, trainer=trainer,
+            collate_fn=Collator(self.processor, "train", decoder_start_token_id(self.processor_path)),
         )
 
     def _generation_loader(self, rows: list[dict]) -> DataLoader:

@@ -332,9 +332,11 @@ def load_grounding(model: PreTrainedModel, directory: str | Path) -> PreTrainedM
     gates = gate_modules(model)
     for layer, gate in gates.items():
         own = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == layer}
-        missing = set(gate.state_dict()) - set(own)
+        expected = gate.state_dict()
+        missing = set(expected) - set(own)
         if missing:
             raise ValueError(f"{weights_path}: missing {sorted(missing)} for {layer}")
+        own = {k: v.reshape(expected[k].shape) if v.dim() == 0 and k in expected else v for k, v in own.items()}  # 0-d: older files
         gate.load_state_dict(own)
     extra = {k.split(".", 1)[0] for k in tensors} - set(gates)
     if extra:

@@ -87,8 +87,8 @@ class GroundingGate(nn.Module):
 
     def __init__(self, config: GroundingConfig, feature_dim: int) -> None:
         super().__init__()
-        scale = torch.tensor(float(config.init_scale))
-        bias = torch.tensor(float(config.init_bias))
+        scale = torch.tensor([float(config.init_scale)])  # (1,): DeepSpeed ZeRO-3 cannot partition 0-d parameters
+        bias = torch.tensor([float(config.init_bias)])
         if config.learnable_gate:
             self.scale = nn.Parameter(scale)
             self.bias = nn.Parameter(bias)

@@ -122,13 +122,17 @@ def contrastive_loss(pos_scores: Tensor, object_labels: Tensor, neg_scores: Tens
     return torch.stack(terms).mean()
 
 
-def lm_loss(logits: Tensor, labels: Tensor, reduction: str) -> Tensor:
-    """Next-token cross-entropy of (B, T, V) logits against (B, T) labels (-100 = ignored).
+def lm_loss(logits: Tensor, labels: Tensor, reduction: str, shift: bool = True) -> Tensor:
+    """Cross-entropy of (B, T, V) logits against (B, T) labels (-100 = ignored).
 
-    ``token``: mean over every target token of the batch (Hugging Face's loss). ``sample``: mean over rows of
-    each row's token mean, so a one-word answer weighs as much as a long caption; rows without targets drop out.
+    ``shift``: position t predicts label t + 1 (decoder-only); False for an encoder-decoder's decoder, whose
+    labels are already aligned with its logits. ``token``: mean over every target token of the batch (Hugging
+    Face's loss). ``sample``: mean over rows of each row's token mean, so a one-word answer weighs as much as a
+    long caption; rows without targets drop out.
     """
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    logits = logits.float()
     tokens = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")  # (B, T-1)
     mask = labels != IGNORE
     if reduction == "token":
@@ -161,15 +165,6 @@ def check_backbone(backbone: str) -> None:
         )
     if path.is_dir() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.backbone: {path} has no config.json (not a save_pretrained directory)")
-
-
-@functools.lru_cache(maxsize=8)
-def is_encoder_decoder(backbone: str, trust_remote_code: bool = False) -> bool:
-    """Whether the backbone's language model is an encoder-decoder (BLIP-2 / InstructBLIP with Flan-T5)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(backbone, trust_remote_code=trust_remote_code)
-    return bool(getattr(config.get_text_config(), "is_encoder_decoder", False))
 
 
 def check_quantization(quantization: str, lora: LoraSettings | None) -> None:
@@ -355,11 +350,29 @@ class GroundedVLM(LightningModule):
 
     # ----------------------------------------------------------------- training
     def _model_inputs(self, batch: dict) -> dict:
-        skip = {"labels", "object_labels", "neg_input_ids", "neg_attention_mask", "neg_object_labels", "neg_index",
-                "image_ids", "question_ids", "targets"}
-        return {k: v for k, v in batch.items() if k not in skip}
+        skip = {"labels", "object_labels", "image_ids", "question_ids", "targets"}
+        return {k: v for k, v in batch.items() if k not in skip and not k.startswith("neg_")}
+
+    def _negative_inputs(self, batch: dict) -> dict:
+        """Inputs of the negative captions: the positive rows' at ``neg_index``, replaced by every ``neg_*`` input."""
+        index = batch["neg_index"]
+        inputs = {k: v[index] for k, v in self._model_inputs(batch).items()}
+        inputs.update({k[4:]: v for k, v in batch.items() if k.startswith("neg_") and k not in ("neg_index", "neg_object_labels")})
+        if not self.encoder_decoder:
+            inputs["logits_to_keep"] = 1  # only the grounding scores are used
+        return inputs
+
+    @property
+    def encoder_decoder(self) -> bool:
+        return bool(getattr(self._base().config.get_text_config(), "is_encoder_decoder", False))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        if self.encoder_decoder and "decoder_input_ids" not in batch:
+            raise ValueError(
+                f"model.backbone {self.backbone} is an encoder-decoder (Flan-T5) but the batch has no decoder inputs: "
+                "data.init_args.processor must name the backbone's hub id or a directory that also holds its "
+                "config.json, so the collator builds the encoder-decoder layout"
+            )
         grounded = self.grounding.enabled
         rec = GroundingRecorder() if grounded else None
         extra = {"grounding_scores": rec} if grounded else {}
@@ -368,7 +381,7 @@ class GroundedVLM(LightningModule):
             loss = out.loss
         else:
             out = self.model(**self._model_inputs(batch), **extra)
-            loss = lm_loss(out.logits, batch["labels"], self.lm_loss_reduction)
+            loss = lm_loss(out.logits, batch["labels"], self.lm_loss_reduction, shift=not self.encoder_decoder)
         lm = loss.detach()
         logs = {"train/lm": lm}
         lam_g, lam_c = self.objective.lambda_grounding, self.objective.lambda_contrastive
@@ -376,13 +389,9 @@ class GroundedVLM(LightningModule):
             scores, logits = nanmean_layers(rec), nanmean_layers(rec, logits=True)
             neg_scores = neg_logits = None
             needs_negatives = lam_c > 0 or self.objective.grounding_loss == "bce"
-            if needs_negatives and "neg_input_ids" in batch:
+            if needs_negatives and "neg_index" in batch:
                 neg_rec = GroundingRecorder()
-                index = batch["neg_index"]
-                neg_inputs = {k: v[index] for k, v in self._model_inputs(batch).items()
-                              if k not in ("input_ids", "attention_mask")}
-                self.model(input_ids=batch["neg_input_ids"], attention_mask=batch["neg_attention_mask"],
-                           logits_to_keep=1, grounding_scores=neg_rec, **neg_inputs)
+                self.model(**self._negative_inputs(batch), grounding_scores=neg_rec)
                 neg_scores, neg_logits = nanmean_layers(neg_rec), nanmean_layers(neg_rec, logits=True)
             l_g = grounding_loss(self.objective.grounding_loss, scores, logits, batch["labels"],
                                  batch["object_labels"], neg_logits, batch.get("neg_object_labels"))
@@ -411,11 +420,6 @@ class GroundedVLM(LightningModule):
         from metrics import CHAIR, POPE
 
         check_backbone(self.backbone)  # after prepare_data (which may build the demo backbone), before any weight loads
-        if stage == "fit" and is_encoder_decoder(self.backbone, self.trust_remote_code):
-            raise ValueError(
-                f"model.backbone {self.backbone} has an encoder-decoder language model (Flan-T5): training it is not "
-                "supported yet (the caption-pair collator builds decoder-only sequences); validate and test work"
-            )
         if self.trainer is not None and self.quantization != "none":
             strategy = type(self.trainer.strategy).__name__
             if "DeepSpeed" in strategy or "FSDP" in strategy:
@@ -443,8 +447,7 @@ class GroundedVLM(LightningModule):
             pad_token_id=self.tokenizer.pad_token_id,
         )
         # decoder-only generate returns prompt + new tokens; encoder-decoder returns the decoder's tokens only
-        encoder_decoder = getattr(self._base().config.get_text_config(), "is_encoder_decoder", False)
-        new = out if encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
+        new = out if self.encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=True)]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:

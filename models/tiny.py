@@ -7,7 +7,8 @@ demo and benchmarks build them; nothing is downloaded.
 
 from __future__ import annotations
 
-from typing import Callable
+from pathlib import Path
+from collections.abc import Callable, Iterable
 
 import torch
 from transformers import (
@@ -158,16 +159,16 @@ def tiny_blip2_opt(**text_kwargs) -> Blip2ForConditionalGeneration:
     return _blip(Blip2Config, Blip2ForConditionalGeneration, opt_config(**text_kwargs))
 
 
-def tiny_blip2_t5() -> Blip2ForConditionalGeneration:
-    return _blip(Blip2Config, Blip2ForConditionalGeneration, t5_config())
+def tiny_blip2_t5(**text_kwargs) -> Blip2ForConditionalGeneration:
+    return _blip(Blip2Config, Blip2ForConditionalGeneration, t5_config(**text_kwargs))
 
 
 def tiny_instructblip_llama(**text_kwargs) -> InstructBlipForConditionalGeneration:
     return _blip(InstructBlipConfig, InstructBlipForConditionalGeneration, llama_config(**text_kwargs))
 
 
-def tiny_instructblip_t5() -> InstructBlipForConditionalGeneration:
-    return _blip(InstructBlipConfig, InstructBlipForConditionalGeneration, t5_config())
+def tiny_instructblip_t5(**text_kwargs) -> InstructBlipForConditionalGeneration:
+    return _blip(InstructBlipConfig, InstructBlipForConditionalGeneration, t5_config(**text_kwargs))
 
 
 TINY_FACTORIES: dict[str, Callable[[], PreTrainedModel]] = {
@@ -233,3 +234,66 @@ def tiny_inputs(
         dec = torch.randint(3, IMAGE_TOKEN_ID, (batch, 5), generator=g)
         inputs["decoder_input_ids"] = torch.cat([torch.zeros(batch, 1, dtype=torch.long), dec], dim=1)
     return inputs
+
+
+TINY_PROCESSOR_FAMILIES = ("llava", "blip2_opt", "blip2_t5", "instructblip_llama", "instructblip_t5")
+
+
+def write_tiny_backbone(family: str, directory: str | Path, texts: Iterable[str], text_layers: int = 2,
+                        vocab_size: int = 96, seed: int = 0) -> Path:
+    """A complete tiny substitute for a hub backbone: random model, tokenizer trained on ``texts``, processor.
+
+    ``directory`` then loads like ``llava-hf/llava-1.5-7b-hf`` or ``Salesforce/blip2-flan-t5-xl`` (model and
+    processor through ``from_pretrained``): pass it as ``--model.init_args.backbone`` and
+    ``--data.init_args.processor`` to run a cluster config end to end on a CPU.
+    """
+    from transformers import (
+        Blip2Processor,
+        InstructBlipProcessor,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from models.demo_backbone import train_tokenizer
+
+    if family not in TINY_PROCESSOR_FAMILIES:
+        raise ValueError(f"write_tiny_backbone: family must be one of {TINY_PROCESSOR_FAMILIES}, got {family!r}")
+    tokenizer = train_tokenizer(texts, vocab_size)
+    if family != "llava":  # BLIP processors add "<image>" themselves and expect no tokenizer.image_token
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer.backend_tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+            unk_token="<unk>", padding_side="right", clean_up_tokenization_spaces=False,
+        )
+    if len(tokenizer) > VOCAB:
+        raise ValueError(f"write_tiny_backbone: the tokenizer has {len(tokenizer)} tokens, the tiny models {VOCAB}")
+    torch.manual_seed(seed)
+    t5 = family.endswith("_t5")
+    factory = {"llava": tiny_llava, "blip2_opt": tiny_blip2_opt, "blip2_t5": tiny_blip2_t5,
+               "instructblip_llama": tiny_instructblip_llama, "instructblip_t5": tiny_instructblip_t5}[family]
+    model = factory(layers=text_layers)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    model.config.image_token_id = image_token  # the trained tokenizer's placeholder, not the default VOCAB - 1
+    for config in (model.config, model.config.get_text_config(), model.generation_config):
+        config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        if not t5:
+            config.bos_token_id = tokenizer.bos_token_id
+    if t5:
+        model.config.get_text_config().decoder_start_token_id = tokenizer.pad_token_id
+        model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
+    if family == "llava":
+        images = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH, image_token="<image>",
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    else:
+        images = BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+        if family.startswith("blip2"):
+            processor = Blip2Processor(image_processor=images, tokenizer=tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
+        else:
+            processor = InstructBlipProcessor(image_processor=images, tokenizer=tokenizer, qformer_tokenizer=tokenizer,
+                                              num_query_tokens=NUM_QUERY_TOKENS)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
