@@ -8,6 +8,8 @@ absent, and writes ``report.json`` / ``report.md`` into the run directory.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import json
 import logging
@@ -187,9 +189,10 @@ class GroundedVLM(LightningModule):
         backbone: hub id or local directory for ``from_pretrained`` (model and processor).
         grounding: ``GroundingConfig``; ``enabled: false`` keeps the identical code path with inert gates.
         objective: the loss weights; both lambdas must be 0 when grounding is disabled.
-        lora: peft LoRA settings, or null for full fine-tuning. With LoRA (or ``adapter``) checkpoints hold only
-            the trainable parameters (the backbone is reloaded from ``backbone``), and the end of training
-            writes the adapters + grounding gates with peft's ``save_pretrained`` into ``RUN_DIR/adapter``.
+        lora: peft LoRA settings, or null for full fine-tuning. The end of a LoRA run writes the adapters +
+            grounding gates with peft's ``save_pretrained`` into ``RUN_DIR/adapter``. Wherever parameters are
+            frozen (LoRA, ``freeze_vision``, LLaVA's unused vision post-layernorm) checkpoints hold only the
+            trainable ones; the frozen ones are reloaded from ``backbone``.
         adapter: a peft adapter directory (a run's ``adapter/``) loaded onto the backbone, trainable, instead of
             new LoRA weights: ``validate --model.init_args.adapter RUN_DIR/adapter`` evaluates a trained run.
         freeze_vision: freeze the vision tower (and Q-Former).
@@ -280,17 +283,47 @@ class GroundedVLM(LightningModule):
             }
         )
         self.model: torch.nn.Module | None = None
+        self._hf_deepspeed_config = None  # ZeRO-3: transformers reads it (weakly referenced) while loading and generating
         self.tokenizer = None
         self._examples: list[dict] = []
         self.last_report: dict | None = None
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
+        """Load the backbone, add grounding and LoRA (under ZeRO-3 ``setup`` has done it: see ``load_model``)."""
+        if self.model is None:
+            self.load_model()
+
+    def zero3_config(self) -> dict | None:
+        """The DeepSpeed config (with the trainer's precision) when the trainer shards parameters with ZeRO-3."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not getattr(strategy, "zero_stage_3", False):
+            return None
+        config = copy.deepcopy(strategy.config)
+        precision = str(self._trainer.precision)
+        if precision.startswith("bf16"):
+            config["bf16"] = {"enabled": True}
+        elif precision.startswith("16"):
+            config["fp16"] = {"enabled": True}
+        return config
+
+    def load_model(self, zero3_config: dict | None = None) -> None:
+        """``from_pretrained`` + grounding + LoRA (or ``adapter``) into ``self.model``, and the tokenizer.
+
+        With ``zero3_config`` the weights are partitioned across ranks as they load (transformers' DeepSpeed
+        integration, kept active so that ``generate`` steps all ranks together), while the small new parameters
+        (gates, LoRA) are created whole and initialised normally; DeepSpeed partitions them when the engine
+        starts. This is why ZeRO-3 runs load in ``setup``: Lightning's ``configure_model`` runs inside
+        ``deepspeed.zero.Init``, where from_pretrained cannot fill partitioned weights and peft's zero-init of
+        LoRA B is a no-op.
+        """
         from transformers import AutoModelForImageTextToText, AutoTokenizer
 
         check_backbone(self.backbone)
+        if zero3_config is not None:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_deepspeed_config = HfDeepSpeedConfig(zero3_config)  # transformers holds only a weak reference
         kwargs = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
         if self.quantization != "none":
             from transformers import BitsAndBytesConfig
@@ -337,16 +370,28 @@ class GroundedVLM(LightningModule):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
         self.model = model
+        self.strict_loading = all(p.requires_grad for p in model.parameters())  # frozen ones reload from backbone
         self.tokenizer = AutoTokenizer.from_pretrained(self.backbone, trust_remote_code=self.trust_remote_code)
 
     def _base(self) -> torch.nn.Module:
         return self.model.get_base_model() if self.peft else self.model
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """With peft, keep only trainable parameters: the frozen backbone is reloaded from ``backbone``."""
-        if self.peft and "state_dict" in checkpoint:
+        """Where some parameters are frozen keep only the trainable ones: the rest reload from ``backbone``."""
+        if not self.strict_loading and "state_dict" in checkpoint:
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Loading is not strict where checkpoints hold trainable parameters only: none of those may be missing."""
+        if not self.strict_loading and "state_dict" in checkpoint:
+            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            missing = sorted(trainable - set(checkpoint["state_dict"]))
+            if missing:
+                raise ValueError(
+                    f"the checkpoint lacks {len(missing)} of this model's {len(trainable)} trained parameters "
+                    f"(e.g. {missing[:3]}): it was written by a run with other LoRA, grounding or freezing settings"
+                )
 
     # ----------------------------------------------------------------- training
     def _model_inputs(self, batch: dict) -> dict:
@@ -420,6 +465,9 @@ class GroundedVLM(LightningModule):
         from metrics import CHAIR, POPE
 
         check_backbone(self.backbone)  # after prepare_data (which may build the demo backbone), before any weight loads
+        zero3 = self.zero3_config()
+        if zero3 is not None and self.model is None:
+            self.load_model(zero3)
         if self.trainer is not None and self.quantization != "none":
             strategy = type(self.trainer.strategy).__name__
             if "DeepSpeed" in strategy or "FSDP" in strategy:
@@ -541,12 +589,29 @@ class GroundedVLM(LightningModule):
 
     def on_train_end(self) -> None:
         run_dir = self.run_dir()  # a broadcast under DDP: on every rank
-        if not self.trainer.is_global_zero:
-            return
-        if self.grounding.enabled:
-            save_grounding(self._base(), run_dir / "grounding")
-        if self.peft:  # adapters + modules_to_save (grounding gates, projector) as safetensors
-            self.model.save_pretrained(run_dir / "adapter")
+        self.export(run_dir, self.trainer.is_global_zero)
+
+    def export(self, run_dir: Path, writer: bool = True) -> None:
+        """``grounding/`` and, with peft, ``adapter/`` (safetensors) in ``run_dir``, written by the ``writer`` rank.
+
+        Every rank must call it: under ZeRO-3 the trainable parameters are gathered (a collective) first.
+        """
+        with gathered([p for p in self.model.parameters() if p.requires_grad]):
+            if not writer:
+                return
+            if self.grounding.enabled:
+                save_grounding(self._base(), run_dir / "grounding")
+            if self.peft:  # adapters + modules_to_save (grounding gates, projector)
+                self.model.save_pretrained(run_dir / "adapter")
+
+
+def gathered(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Full values of ZeRO-3-partitioned ``params`` inside the context (on every rank); a no-op otherwise."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _naming_rate(rows: list[dict], name: str) -> float:

@@ -1,0 +1,107 @@
+"""Run by tests/test_zero3.py in its own process: GroundedVLM under real DeepSpeed ZeRO-3 on CPU (gloo, 1 rank).
+
+Follows Lightning's order: ``setup`` loads the model (weights partitioned as they load), ``configure_model`` runs
+inside ``deepspeed.zero.Init``, then the DeepSpeed engine partitions the rest. Compares with the same model
+loaded plainly and prints what it found as JSON on the last line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def main(backbone: str, out: str) -> dict:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("ZERO3_PORT", "29541"), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from safetensors.torch import load_file
+
+    from models import GroundedVLM, GroundingConfig, LoraSettings
+    from models.grounding import GroundingRecorder
+    from models.tiny import tiny_inputs
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    kwargs = {"backbone": backbone, "grounding": GroundingConfig(layers=[-2, -1]),
+              "lora": LoraSettings(r=4, target_modules=".*language_model.*\\.(q_proj|v_proj|up_proj)")}
+    torch.manual_seed(0)
+    reference = GroundedVLM(**kwargs)
+    reference.configure_model()
+    reference.model.eval()
+
+    found: dict = {}
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=DeepSpeedStrategy(stage=3), precision="bf16-mixed",
+                      logger=False, enable_checkpointing=False)
+    module = GroundedVLM(**kwargs)
+    module.trainer = trainer
+    found["zero3_config"] = module.zero3_config()
+    config = {"zero_optimization": {"stage": 3}, "train_batch_size": 2, "train_micro_batch_size_per_gpu": 2,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}}  # fp32: exact comparison
+    torch.manual_seed(0)
+    module.load_model(config)  # what setup() does under ZeRO-3
+    with deepspeed.zero.Init(config_dict_or_path=config):  # Lightning's model_sharded_context
+        module.configure_model()  # a no-op now
+    module.model.eval()
+
+    ours = dict(module.model.named_parameters())
+    # frozen weights are partitioned as they load (peft's frozen copies of the new gates wait for the engine)
+    found["frozen_unpartitioned"] = [n for n, p in ours.items()
+                                     if not p.requires_grad and not hasattr(p, "ds_id") and "grounding_gate" not in n]
+    mismatched = []
+    for name, want in reference.model.named_parameters():
+        with deepspeed.zero.GatheredParameters([ours[name]]):
+            if not torch.equal(ours[name].data, want.data):
+                mismatched.append(name)
+    found["mismatched_at_load"] = [n for n in mismatched if "lora_A" not in n]  # LoRA A: random (B is 0)
+    lora_b = [p for n, p in ours.items() if "lora_B" in n]
+    with deepspeed.zero.GatheredParameters(lora_b):
+        found["lora_b_zero_at_start"] = bool(lora_b) and all(float(p.abs().sum()) == 0 for p in lora_b)
+
+    trainable = [p for p in module.model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=module.model, model_parameters=trainable, config=config)
+    found["trainable_partitioned"] = all(hasattr(p, "ds_id") for p in trainable)
+    inputs = tiny_inputs(reference._base(), batch=2)
+    inputs["input_ids"][inputs["input_ids"] == 127] = reference._base().config.image_token_id
+    labels = inputs["input_ids"].clone()
+    rec_ref, rec = GroundingRecorder(), GroundingRecorder()
+    with torch.no_grad():
+        want = reference.model(**inputs, labels=labels, grounding_scores=rec_ref)
+    got = engine(**inputs, labels=labels, grounding_scores=rec)
+    found["loss"], found["reference_loss"] = got.loss.item(), want.loss.item()
+    found["score_max_diff"] = max(
+        float((rec.forward_scores(layer).detach() - rec_ref.forward_scores(layer)).nan_to_num(0).abs().max())
+        for layer in rec.layers
+    )
+    engine.backward(got.loss)
+    engine.step()
+
+    run_dir = Path(out)
+    module.export(run_dir)
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    gates = load_file(str(run_dir / "grounding" / "grounding.safetensors"))
+    with deepspeed.zero.GatheredParameters(trainable):
+        by_suffix = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    found["adapter_tensors"] = len(adapter)
+    found["adapter_empty"] = [k for k, v in adapter.items() if v.numel() == 0]
+    lora_b = [k for k in adapter if "lora_B" in k]
+    found["lora_b_trained"] = bool(lora_b) and all(float(adapter[k].abs().sum()) > 0 for k in lora_b)
+    found["adapter_matches_engine"] = all(
+        any(name.endswith(k.replace(".weight", ".default.weight")) and torch.equal(v, value)
+            for name, value in by_suffix.items())
+        for k, v in adapter.items() if "lora_" in k
+    )
+    found["gate_shapes"] = sorted({tuple(v.shape) for v in gates.values()})
+    return found
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as tmp:
+        result = main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else tmp)
+    print(json.dumps(result))
