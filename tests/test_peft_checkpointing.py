@@ -72,3 +72,30 @@ def test_gates_trainable_and_saved_in_adapter(tmp_path: Path) -> None:
     assert len(gate_keys) == 2 * 6, gate_keys
     bias_keys = [k for k in gate_keys if k.endswith("grounding_gate.bias")]
     assert bias_keys and all(float(saved[k]) == pytest.approx(3.0 + 1.0) for k in bias_keys)
+
+
+def test_checkpoints_keep_trainable_parameters_wherever_some_are_frozen(tmp_path: Path) -> None:
+    from models import GroundedVLM, LoraSettings
+    from models.tiny import write_tiny_backbone
+
+    blip = write_tiny_backbone("blip2_opt", tmp_path / "blip2", ["a cat on a mat"])
+    full = GroundedVLM(backbone=str(blip), grounding=GroundingConfig(layers=[-1]))
+    full.configure_model()
+    assert full.strict_loading  # nothing frozen: the whole state, loaded strictly
+    checkpoint = {"state_dict": full.state_dict()}
+    full.on_save_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == set(full.state_dict())
+
+    for kwargs in ({"freeze_vision": True}, {"lora": LoraSettings(r=2, target_modules=["q_proj"])}):
+        module = GroundedVLM(backbone=str(blip), grounding=GroundingConfig(layers=[-1]), **kwargs)
+        module.configure_model()
+        assert not module.strict_loading
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        checkpoint = {"state_dict": module.state_dict()}
+        module.on_save_checkpoint(checkpoint)
+        assert set(checkpoint["state_dict"]) == trainable
+        module.on_load_checkpoint(checkpoint)  # complete: accepted
+        dropped = sorted(trainable)[0]
+        del checkpoint["state_dict"][dropped]
+        with pytest.raises(ValueError, match=rf"lacks 1 of this model's {len(trainable)} trained parameters .*{dropped}"):
+            module.on_load_checkpoint(checkpoint)
