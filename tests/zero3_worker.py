@@ -1,8 +1,11 @@
-"""Run by tests/test_zero3.py in its own process: GroundedVLM under real DeepSpeed ZeRO-3 on CPU (gloo, 1 rank).
+"""Run by tests/test_zero3.py in its own processes: GroundedVLM under real DeepSpeed ZeRO-3 on CPU (gloo).
 
-Follows Lightning's order: ``setup`` loads the model (weights partitioned as they load), ``configure_model`` runs
-inside ``deepspeed.zero.Init``, then the DeepSpeed engine partitions the rest. Compares with the same model
-loaded plainly and prints what it found as JSON on the last line.
+``single`` (one rank) follows Lightning's order: ``setup`` loads the model (weights partitioned as they load),
+``configure_model`` runs inside ``deepspeed.zero.Init``, then the DeepSpeed engine partitions the rest; it
+compares with the same model loaded plainly. ``ranks`` (every rank of a 2-process group) trains one step on a
+different batch per rank against an unsharded model stepped on both batches, exports, and generates with a
+different length per rank (which only finishes if generation keeps the ranks in step). Each process prints
+what it found as JSON on its last line.
 """
 
 from __future__ import annotations
@@ -17,8 +20,7 @@ import torch
 
 
 def main(backbone: str, out: str) -> dict:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("ZERO3_PORT", "29541"), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed
     from lightning.pytorch import Trainer
     from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -101,7 +103,84 @@ def main(backbone: str, out: str) -> dict:
     return found
 
 
+def ranks_main(backbone: str, out: str) -> dict:
+    """One rank of a 2-process ZeRO-3 group (RANK, WORLD_SIZE, MASTER_* set by the caller)."""
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    from models import GroundedVLM, GroundingConfig, LoraSettings
+    from models.tiny import tiny_inputs
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    kwargs = {"backbone": backbone, "grounding": GroundingConfig(layers=[-1]),
+              "lora": LoraSettings(r=4, dropout=0.0, target_modules=".*language_model.*\\.(q_proj|v_proj)")}
+    lr = 1e-3
+    config = {"zero_optimization": {"stage": 3}, "train_batch_size": 2 * world, "train_micro_batch_size_per_gpu": 2,
+              "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}}}
+    torch.manual_seed(0)
+    reference = GroundedVLM(**kwargs)
+    reference.configure_model()
+    reference.model.eval()
+    torch.manual_seed(0)
+    module = GroundedVLM(**kwargs)
+    module.load_model(config)
+    module.model.eval()
+    with torch.no_grad():  # LoRA A is drawn on each rank: take rank 0's everywhere, as in the reference
+        for p, q in zip(module.model.parameters(), reference.model.parameters()):
+            if not hasattr(p, "ds_id"):  # the new, not yet partitioned parameters
+                p.copy_(q)
+    image_token = reference._base().config.image_token_id
+
+    def batch(seed: int) -> tuple[dict, torch.Tensor]:
+        inputs = tiny_inputs(reference._base(), batch=2, seed=seed)
+        inputs["input_ids"][inputs["input_ids"] == 127] = image_token
+        return inputs, inputs["input_ids"].masked_fill(inputs["input_ids"] == image_token, -100)
+
+    trainable = [p for p in module.model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=module.model, model_parameters=trainable, config=config)
+    inputs, labels = batch(seed=rank)
+    got = engine(**inputs, labels=labels)
+    engine.backward(got.loss)
+    engine.step()
+
+    # the unsharded model: mean of the per-rank losses, one AdamW step
+    ref_params = [p for p in reference.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(ref_params, lr=lr, weight_decay=0.0)
+    losses = [reference.model(**batch(seed=r)[0], labels=batch(seed=r)[1]).loss for r in range(world)]
+    (torch.stack(losses).mean()).backward()
+    optimizer.step()
+    found = {"rank": rank, "loss": got.loss.item(), "reference_loss": losses[rank].item()}
+
+    module.export(Path(out), writer=rank == 0)  # a collective: every rank gathers
+    dist.barrier()
+    adapter = load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+    reference_state = {n: p.detach() for n, p in reference.model.named_parameters() if p.requires_grad}
+    diffs = []
+    for key, value in adapter.items():
+        if "lora_" not in key:
+            continue
+        name = next(n for n in reference_state if n.endswith(key.replace(".weight", ".default.weight")))
+        diffs.append(float((value - reference_state[name]).abs().max()))
+    found["adapter_tensors"] = len(diffs)
+    found["adapter_max_diff"] = max(diffs) if diffs else None
+    found["lora_b_moved"] = min(float(v.abs().max()) for k, v in adapter.items() if "lora_B" in k)
+
+    prompt = tiny_inputs(reference._base(), batch=1, seed=10 + rank)
+    prompt["input_ids"][prompt["input_ids"] == 127] = image_token
+    new_tokens = 2 if rank == 0 else 6  # rank 0 finishes first and must keep stepping with rank 1
+    with torch.no_grad():
+        out_ids = module.model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        want = reference.model.generate(**prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    found["generated"] = out_ids[0, prompt["input_ids"].shape[1]:].tolist()
+    found["reference_generated"] = want[0, prompt["input_ids"].shape[1]:].tolist()
+    return found
+
+
 if __name__ == "__main__":
+    mode, backbone = sys.argv[1], sys.argv[2]
     with tempfile.TemporaryDirectory() as tmp:
-        result = main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else tmp)
+        out = sys.argv[3] if len(sys.argv) > 3 else tmp
+        result = main(backbone, out) if mode == "single" else ranks_main(backbone, out)
     print(json.dumps(result))
