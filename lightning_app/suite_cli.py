@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+
+from lightning_app.preemption import RequeueOnSignal
 
 
 class SuiteCLI(LightningCLI):
-    """LightningCLI that prints ``report.md`` and the run directory after fit, validate and test."""
+    """LightningCLI that prints ``report.md`` and the run directory after fit, validate and test.
+
+    Under SLURM with auto-requeue (Lightning's default there) it adds :class:`RequeueOnSignal`, which saves
+    the requeue checkpoint at a step boundary instead of inside the signal handler.
+    """
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        environment = trainer._accelerator_connector.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
+            if not any(isinstance(cb, RequeueOnSignal) for cb in trainer.callbacks):
+                trainer.callbacks.append(RequeueOnSignal(environment.requeue_signal))
+        return trainer
 
     def _print_report(self) -> None:
         module = self.model

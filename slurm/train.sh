@@ -11,9 +11,10 @@
 # Partition, account, time and memory are sbatch options too (-p, -A, --time, --mem); none is set here.
 # Submit from the repository root (relative paths in the config resolve against the submit directory).
 #
-# Preemption and time limits: SLURM sends SIGUSR1 90 s before the time limit (--signal); Lightning's
-# SLURMEnvironment (auto_requeue) then saves hpc_ckpt_N.ckpt in trainer.default_root_dir and requeues
-# the job (--requeue). On every start (first or requeued) without a --ckpt_path argument, this script
+# Preemption and time limits: SLURM sends SIGUSR1 300 s before the time limit (--signal); when the
+# current training step ends, the CLI (lightning_app.preemption.RequeueOnSignal) saves hpc_ckpt_N.ckpt in
+# trainer.default_root_dir and requeues the job (--requeue). Raise the lead time if a validation pass takes
+# longer (sbatch --signal=SIGUSR1@900 ...): the signal is acted on after it. On every start (first or requeued) without a --ckpt_path argument, this script
 # looks for the newest checkpoint of the run (last*.ckpt of its ModelCheckpoint callbacks,
 # hpc_ckpt_*.ckpt in default_root_dir) and passes it as --ckpt_path; `--ckpt_path null` starts fresh.
 # The log is appended to across restarts (--open-mode=append).
@@ -24,7 +25,7 @@
 #SBATCH --job-name=grounded-train
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
-#SBATCH --signal=SIGUSR1@90
+#SBATCH --signal=SIGUSR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
