@@ -88,7 +88,7 @@ class RequeueOnSignal(Callback):
 
     def _requeue(self) -> bool:
         job = slurm_job_id()
-        result = subprocess.run([*self.requeue_command, job], capture_output=True, text=True)
+        result = subprocess.run([*self.requeue_command, job], capture_output=True, text=True, check=False)
         if result.returncode != 0:
             log.warning("requeueing SLURM job %s failed (%d): %s", job, result.returncode, result.stderr.strip())
             return False

@@ -22,9 +22,9 @@ class SuiteCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         environment = trainer._accelerator_connector.cluster_environment
-        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
-            if not any(isinstance(cb, RequeueOnSignal) for cb in trainer.callbacks):
-                trainer.callbacks.append(RequeueOnSignal(environment.requeue_signal))
+        slurm = isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal
+        if slurm and not any(isinstance(cb, RequeueOnSignal) for cb in trainer.callbacks):
+            trainer.callbacks.append(RequeueOnSignal(environment.requeue_signal))
         return trainer
 
     def _print_report(self) -> None:
