@@ -69,6 +69,11 @@ def test_zero3_loads_trains_and_exports_like_the_unsharded_model(tiny: Path, tmp
     assert found["adapter_tensors"] > 0 and found["adapter_empty"] == []
     assert found["lora_b_trained"] and found["adapter_matches_engine"]
     assert found["gate_shapes"] == [[1]]
+    # exclude_frozen_parameters: the checkpoint is far smaller than the frozen weights alone, and it restores
+    # exactly into a freshly loaded model (non-strict: the frozen weights come from the backbone)
+    assert not found["strict_loading"]
+    assert found["checkpoint_bytes"] < found["frozen_bytes"] / 4, found
+    assert found["restored_equal"] and found["second_step_equal"]
 
 
 def test_zero3_two_ranks_step_export_and_generate_like_the_unsharded_model(tiny: Path, tmp_path: Path) -> None:

@@ -100,6 +100,34 @@ def main(backbone: str, out: str) -> dict:
         for k, v in adapter.items() if "lora_" in k
     )
     found["gate_shapes"] = sorted({tuple(v.shape) for v in gates.values()})
+
+    # DeepSpeed's own checkpoint as the strategy files configure it (exclude_frozen_parameters: true), restored
+    # into a freshly loaded model the way Lightning restores (load_module_strict = module.strict_loading)
+    checkpoint = run_dir / "deepspeed"
+    engine.save_checkpoint(str(checkpoint), tag="step1", exclude_frozen_parameters=True)
+    found["checkpoint_bytes"] = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+    found["frozen_bytes"] = sum(p.ds_numel * 4 for p in ours.values() if not p.requires_grad and hasattr(p, "ds_numel"))
+    restored = GroundedVLM(**kwargs)
+    restored.load_model(config)
+    restored.model.eval()
+    found["strict_loading"] = restored.strict_loading
+    engine2, *_ = deepspeed.initialize(model=restored.model, config=config,
+                                       model_parameters=[p for p in restored.model.parameters() if p.requires_grad])
+    engine2.load_checkpoint(str(checkpoint), tag="step1", load_module_strict=restored.strict_loading)
+
+    def trained(model) -> dict[str, torch.Tensor]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params):
+            return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    found["restored_equal"] = all(torch.equal(a, b) for a, b in zip(trained(module.model).values(),
+                                                                     trained(restored.model).values()))
+    for run in (engine, engine2):  # one more step each: the optimizer moments were restored too
+        loss = run(**inputs, labels=labels).loss
+        run.backward(loss)
+        run.step()
+    found["second_step_equal"] = all(torch.equal(a, b) for a, b in zip(trained(module.model).values(),
+                                                                        trained(restored.model).values()))
     return found
 
 
