@@ -7,8 +7,8 @@ demo and benchmarks build them; nothing is downloaded.
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -250,13 +250,11 @@ def write_tiny_backbone(family: str, directory: str | Path, texts: Iterable[str]
     from transformers import (
         Blip2Processor,
         InstructBlipProcessor,
-        LlavaProcessor,
         PreTrainedTokenizerFast,
     )
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from models.demo_backbone import train_tokenizer
+    from models.demo_backbone import TinyLlavaConfig, build_processor, train_tokenizer
 
     if family not in TINY_PROCESSOR_FAMILIES:
         raise ValueError(f"write_tiny_backbone: family must be one of {TINY_PROCESSOR_FAMILIES}, got {family!r}")
@@ -270,9 +268,7 @@ def write_tiny_backbone(family: str, directory: str | Path, texts: Iterable[str]
         raise ValueError(f"write_tiny_backbone: the tokenizer has {len(tokenizer)} tokens, the tiny models {VOCAB}")
     torch.manual_seed(seed)
     t5 = family.endswith("_t5")
-    factory = {"llava": tiny_llava, "blip2_opt": tiny_blip2_opt, "blip2_t5": tiny_blip2_t5,
-               "instructblip_llama": tiny_instructblip_llama, "instructblip_t5": tiny_instructblip_t5}[family]
-    model = factory(layers=text_layers)
+    model = TINY_FACTORIES[family](layers=text_layers)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     model.config.image_token_id = image_token  # the trained tokenizer's placeholder, not the default VOCAB - 1
     for config in (model.config, model.config.get_text_config(), model.generation_config):
@@ -282,10 +278,8 @@ def write_tiny_backbone(family: str, directory: str | Path, texts: Iterable[str]
     if t5:
         model.config.get_text_config().decoder_start_token_id = tokenizer.pad_token_id
         model.generation_config.decoder_start_token_id = tokenizer.pad_token_id
-    if family == "llava":
-        images = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-        processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH, image_token="<image>",
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    if family == "llava":  # the demo backbone's processor, at the tiny models' image and patch size
+        processor = build_processor(tokenizer, TinyLlavaConfig(image_size=IMAGE_SIZE, patch_size=PATCH))
     else:
         images = BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
         if family.startswith("blip2"):
