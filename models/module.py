@@ -283,6 +283,7 @@ class GroundedVLM(LightningModule):
             }
         )
         self.model: torch.nn.Module | None = None
+        self.encoder_decoder = False  # the language model is an encoder-decoder (Flan-T5); set when loading
         self._hf_deepspeed_config = None  # ZeRO-3: transformers reads it (weakly referenced) while loading and generating
         self.tokenizer = None
         self._examples: list[dict] = []
@@ -370,6 +371,7 @@ class GroundedVLM(LightningModule):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
         self.model = model
+        self.encoder_decoder = bool(getattr(self._base().config.get_text_config(), "is_encoder_decoder", False))
         self.strict_loading = all(p.requires_grad for p in model.parameters())  # frozen ones reload from backbone
         self.tokenizer = AutoTokenizer.from_pretrained(self.backbone, trust_remote_code=self.trust_remote_code)
 
@@ -379,19 +381,22 @@ class GroundedVLM(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Where some parameters are frozen keep only the trainable ones: the rest reload from ``backbone``."""
         if not self.strict_loading and "state_dict" in checkpoint:
-            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            trainable = self._trainable_names()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Loading is not strict where checkpoints hold trainable parameters only: none of those may be missing."""
         if not self.strict_loading and "state_dict" in checkpoint:
-            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            trainable = self._trainable_names()
             missing = sorted(trainable - set(checkpoint["state_dict"]))
             if missing:
                 raise ValueError(
                     f"the checkpoint lacks {len(missing)} of this model's {len(trainable)} trained parameters "
                     f"(e.g. {missing[:3]}): it was written by a run with other LoRA, grounding or freezing settings"
                 )
+
+    def _trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
 
     # ----------------------------------------------------------------- training
     def _model_inputs(self, batch: dict) -> dict:
@@ -406,10 +411,6 @@ class GroundedVLM(LightningModule):
         if not self.encoder_decoder:
             inputs["logits_to_keep"] = 1  # only the grounding scores are used
         return inputs
-
-    @property
-    def encoder_decoder(self) -> bool:
-        return bool(getattr(self._base().config.get_text_config(), "is_encoder_decoder", False))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if self.encoder_decoder and "decoder_input_ids" not in batch:
