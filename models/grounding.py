@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextvars
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -325,6 +325,19 @@ def _scatter(f_img: Tensor, positions: Tensor, valid: Tensor, key_len: int) -> T
     return out.scatter(1, positions[..., None].expand(-1, -1, d), f_img * valid[..., None])
 
 
+# A decoding-time attention edit (models/decoding: PAI, VAF, EAH, AAI, OPERA's read-out) replaces the final sdpa
+# call here, so it composes with grounding: it receives the grounding bias inside ``position_bias``.
+ATTENTION_EDIT: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("attention_edit", default=None)
+
+
+def attention_core(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs):
+    """sdpa, or the active attention edit (same signature and return as ``sdpa_attention_forward``)."""
+    edit = ATTENTION_EDIT.get()
+    if edit is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return edit(module, query, key, value, attention_mask, **kwargs)
+
+
 def grounded_attention_forward(
     module: nn.Module,
     query: Tensor,
@@ -343,7 +356,7 @@ def grounded_attention_forward(
     if meta is not None:  # take the inputs the pre-hook stashed, so no activation outlives this call
         hidden, key_hidden, meta.hidden, meta.key_hidden = meta.hidden, meta.key_hidden, None, None
     if meta is None or not meta.enabled:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return attention_core(module, query, key, value, attention_mask, **kwargs)
     if state is None:
         raise RuntimeError(
             "grounded attention layer called without grounding inputs: the model must be called through the "
@@ -356,7 +369,7 @@ def grounded_attention_forward(
         if state.recorder is not None and state.recording:
             undefined = query.new_full((b, t), float("nan"), dtype=torch.float32)
             state.recorder.add(meta.layer, undefined, undefined)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return attention_core(module, query, key, value, attention_mask, **kwargs)
 
     # image-key features are fixed once computed: reuse them across decoding steps (inference only)
     inference = not torch.is_grad_enabled()
@@ -409,7 +422,7 @@ def grounded_attention_forward(
     bias = (log_g[:, None, :, None] * key_img[:, None, None, :]).to(query.dtype)  # (B, 1, T, S)
     position_bias = kwargs.pop("position_bias", None)
     position_bias = bias if position_bias is None else position_bias + bias
-    return sdpa_attention_forward(module, query, key, value, attention_mask, position_bias=position_bias, **kwargs)
+    return attention_core(module, query, key, value, attention_mask, position_bias=position_bias, **kwargs)
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, grounded_attention_forward)

@@ -1,0 +1,290 @@
+"""OPERA: beam search with an over-trust penalty and retrospection-allocation (rollback), batched.
+
+Per step, every beam takes its top ``num_candidates`` tokens; each candidate costs one forward pass (its KV
+entry is dropped again) whose last-layer attention row is read out through the attention registry (max over
+heads, renormalised, as upstream). Over the local window (the last prompt token and the response), the
+candidate's "knowledge aggregation" score is ``max_j 1e-7 * prod_{i >= j} scale * A[i, j]`` (products kept as
+running log-sums per column). Candidates score ``log p - penalty_weight * score`` after the first ``warmup``
+window rows and ``log p + penalty_weight * (attention on image tokens)`` before; other tokens are out.
+
+Rollback, per sample: each beam's most frequent maximising column over its candidates is recorded per step; when
+all beams of a sample agreed on the same column ``j >= warmup`` more than ``threshold`` times (within the last
+``window`` steps), the sample returns to the state before token ``j + 1`` was chosen (at most ``num_candidates``
+times per position, else one position earlier), its cache rows are recomputed, and token ``j + 1`` is re-chosen
+from the full distribution with every earlier choice there banned. Other samples go on meanwhile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from models.backbones import _layers_of, backbone_spec
+from models.decoding.attention import AttentionEdit, explicit_logits, routed
+from models.decoding.search import BeamSearch, check_lengths, eos_tensor
+from models.decoding.settings import OPERASettings
+from models.decoding.stream import Stream, prompt_image_mask, unwrap
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+LOG_FP16_MAX = math.log(65504.0)  # upstream stores scores in float16; larger ones are capped here, not inf
+
+
+class OperaReadout(AttentionEdit):
+    """Last decoder layer: keeps the head-max, renormalised attention of the last ``rows`` queries (output: sdpa).
+
+    ``window`` is read from self-attention (the response), ``image`` from the module holding the image keys
+    (the same self-attention for decoder-only models, the cross-attention for Flan-T5)."""
+
+    def __init__(self, targets, encoder_decoder: bool) -> None:
+        super().__init__(targets)
+        self.encoder_decoder = encoder_decoder
+        self.rows = 1
+        self.window: Tensor | None = None  # (N, R, S)
+        self.image: Tensor | None = None  # (N, R) attention on image keys
+
+    def edit(self, module, cross, query, key, value, attention_mask, kwargs):
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        b, t, s = query.shape[0], query.shape[2], key.shape[2]
+        logits, _ = explicit_logits(module, query, key, attention_mask, kwargs, rows=slice(t - self.rows, t))
+        attn = logits.softmax(-1).amax(dim=1)  # (N, R, S)
+        attn = attn / attn.sum(-1, keepdim=True)
+        if not cross:
+            self.window = attn
+        if cross or not self.encoder_decoder:
+            self.image = (attn * self.image_keys(b, s, query.device)[:, None, :]).sum(-1)
+        return out, None
+
+
+def _targets(model) -> tuple[dict, bool]:
+    language_model = backbone_spec(model).language_model(model)
+    attns, cross = _layers_of(language_model)
+    last = len(attns) - 1
+    if not cross:
+        return {id(attns[last]): (last, False)}, False
+    self_attn = language_model.get_decoder().block[last].layer[0].SelfAttention
+    return {id(self_attn): (last, False), id(attns[last]): (last, True)}, True
+
+
+class Window:
+    """Per row: cache positions of the window columns and ``sum_i log(scale * A[i, j])`` over recorded rows."""
+
+    def __init__(self, rows: int, width: int, scale: float, device: torch.device) -> None:
+        self.log_scale = math.log(scale)
+        self.pos = torch.zeros(rows, width, dtype=torch.long, device=device)
+        self.colsum = torch.zeros(rows, width, device=device)
+        self.length = torch.zeros(rows, dtype=torch.long, device=device)
+
+    def _log(self, values: Tensor) -> Tensor:
+        return values.clamp_min(1e-38).log() + self.log_scale
+
+    def append(self, attn: Tensor, position: int, rows: Tensor | None = None) -> None:
+        """Record one new window row per row: ``attn`` (n, S) over the cache; the fed token sits at ``position``."""
+        rows = torch.arange(self.pos.shape[0], device=attn.device) if rows is None else rows
+        full = self.length[rows] >= self.pos.shape[1]  # a finished sample waiting for a rolled-back one
+        rows, attn = rows[~full], attn[~full]
+        length = self.length[rows]
+        self.pos[rows, length] = position
+        cols = torch.arange(self.pos.shape[1], device=attn.device)[None, :]
+        values = attn.gather(1, self.pos[rows].clamp_max(attn.shape[1] - 1))
+        self.colsum[rows] += torch.where(cols <= length[:, None], self._log(values), 0.0)
+        self.length[rows] = length + 1
+
+    def rebuild(self, rows: Tensor, attn: Tensor, positions: Tensor) -> None:
+        """Rows ``rows`` from scratch: (n, R, S) attention of their R window rows at cache ``positions`` (R,)."""
+        r = positions.numel()
+        self.pos[rows] = 0
+        self.pos[rows, :r] = positions
+        values = self._log(attn[:, :, positions])  # (n, R rows, R cols)
+        lower = torch.ones(r, r, dtype=torch.bool, device=attn.device).tril()
+        self.colsum[rows] = 0
+        self.colsum[rows, :r] = torch.where(lower, values, 0.0).sum(1)
+        self.length[rows] = r
+
+    def scores(self, attn: Tensor, position: int) -> Tensor:
+        """(N, S+1) attention of a candidate at ``position`` -> (N, W+1) log aggregation scores (-inf = no column)."""
+        width = self.pos.shape[1]
+        cols = torch.arange(width + 1, device=attn.device)[None, :]
+        pos = torch.cat([self.pos, self.pos.new_zeros(self.pos.shape[0], 1)], 1)
+        pos.scatter_(1, self.length[:, None], position)
+        values = self._log(attn.gather(1, pos))
+        colsum = torch.cat([self.colsum, self.colsum.new_zeros(self.colsum.shape[0], 1)], 1)
+        out = colsum + values + math.log(1e-7)
+        return out.masked_fill(cols > self.length[:, None], float("-inf"))
+
+    def reorder(self, index: Tensor) -> None:
+        self.pos, self.colsum, self.length = self.pos[index], self.colsum[index], self.length[index]
+
+
+def _mode(values: Tensor, dim: int) -> Tensor:
+    return values.mode(dim=dim).values
+
+
+class Opera:
+    """One OPERA decode of a batch (the state a rollback needs lives here)."""
+
+    def __init__(self, stream: Stream, readout: OperaReadout, settings: OPERASettings, max_new_tokens: int,
+                 pad_token_id: int, eos_token_id) -> None:
+        self.stream, self.readout, self.s = stream, readout, settings
+        self.max_new, self.pad = max_new_tokens, pad_token_id
+        self.eos = eos_token_id
+
+    def run(self) -> Tensor:
+        s, stream, readout = self.s, self.stream, self.readout
+        k, c = s.num_beams, s.num_candidates
+        logits = stream.prefill().logits
+        batch, device = logits.shape[0], logits.device
+        self.batch = batch
+        self.window = Window(batch, self.max_new + 1, s.scale_factor, device)
+        self.window.append(readout.window[:, -1], stream.mask.shape[1] - 1)
+        stream.expand(k)
+        self.window.reorder(torch.arange(batch, device=device).repeat_interleave(k))
+        logits = logits.repeat_interleave(k, dim=0)
+        self.search = BeamSearch(batch, k, self.max_new, s.length_penalty, eos_tensor(self.eos, device), self.pad)
+        n = batch * k
+        self.history = torch.full((n, self.max_new + 1), -1, dtype=torch.long, device=device)
+        self.history_len = torch.zeros(batch, dtype=torch.long, device=device)
+        self.rollbacks = torch.zeros(batch, self.max_new + 2, dtype=torch.long, device=device)
+        self.banned: dict[tuple[int, int], Tensor] = {}
+        self.snapshots: list[dict] = []
+        while True:
+            scores, locs = self.candidate_scores(logits, c)
+            scores = self.maybe_rollback(scores, locs)
+            parent, tokens = self.search.step(scores)
+            self.snapshot(parent, tokens)
+            if self.search.done:
+                return self.search.best()
+            stream.reorder(parent)
+            self.window.reorder(parent)
+            logits = stream.step(tokens).logits
+            self.window.append(readout.window[:, -1], stream.mask.shape[1] - 1)
+
+    def candidate_scores(self, logits: Tensor, c: int) -> tuple[Tensor, Tensor]:
+        """(N, V) beam-step scores (candidates only) and (N,) each beam's most frequent maximising column."""
+        log_p = torch.log_softmax(logits, -1)
+        cand = logits.topk(c, dim=-1).indices  # (N, C)
+        position = self.stream.mask.shape[1]
+        best, where, image = [], [], []
+        for i in range(c):
+            self.stream.peek(cand[:, i])
+            aggregation = self.window.scores(self.readout.window[:, -1], position)  # (N, W+1)
+            value, column = aggregation.max(-1)
+            best.append(value)
+            where.append(column)
+            image.append(self.readout.image[:, -1])
+        best, where, image = torch.stack(best, 1), torch.stack(where, 1), torch.stack(image, 1)  # (N, C)
+        early = (self.window.length + 1 <= self.s.warmup)[:, None]  # window rows incl. the candidate
+        penalty = torch.where(early, -image, best.clamp_max(LOG_FP16_MAX).exp())
+        cand_scores = log_p.gather(1, cand) - self.s.penalty_weight * penalty
+        scores = torch.full_like(log_p, float("-inf")).scatter(1, cand, cand_scores)
+        return scores, _mode(where, 1)
+
+    def snapshot(self, parent: Tensor, tokens: Tensor) -> None:
+        """Keep the beam state after this step (tensors are replaced, never changed, so no copies)."""
+        sr = self.search
+        self.snapshots.append(dict(length=sr.length, running=sr.running, running_scores=sr.running_scores,
+                                   seqs=sr.seqs, seq_len=sr.seq_len, scores=sr.scores, finished=sr.finished,
+                                   open=sr.open, parent=parent.view(self.batch, -1), tokens=tokens.view(self.batch, -1)))
+        if len(self.snapshots) > self.s.window + 1:
+            self.snapshots.pop(0)
+
+    def _find(self, b: int, length: int) -> dict | None:
+        for snap in reversed(self.snapshots):
+            if int(snap["length"][b]) == length:
+                return snap
+        return None
+
+    def maybe_rollback(self, scores: Tensor, locs: Tensor) -> Tensor:
+        """Record this step's columns; roll back samples whose beams keep agreeing on one (see module doc)."""
+        if not self.s.rollback:
+            return scores
+        k = self.s.num_beams
+        live = self.search.open[:, 0] & (self.search.length < self.max_new)  # (B,) samples still decoding
+        rows = torch.arange(locs.shape[0], device=locs.device)
+        sample_of = rows // k
+        record = live[sample_of]
+        self.history[rows[record], self.history_len[sample_of[record]]] = locs[record]
+        self.history_len += live.long()
+        per_sample = _mode(locs.view(self.batch, k), 1)  # (B,)
+        span = torch.arange(self.history.shape[1], device=locs.device)[None, :]
+        count = self.history_len[sample_of][:, None]
+        recent = (span < count) & (span >= count - self.s.window)
+        agree = ((self.history == per_sample[sample_of][:, None]) & recent).sum(1) > self.s.threshold  # (N,)
+        agree = agree.view(self.batch, k).all(1) & (per_sample >= self.s.warmup) & live
+        for b in agree.nonzero().flatten().tolist():
+            scores = self.roll_back(b, int(per_sample[b]) + 1, scores)
+        return scores
+
+    def _refill(self, rows: Tensor, b: int, tokens: Tensor) -> tuple:
+        """Recompute the cache rows of sample ``b``; (output, (K, window rows, S) attention of the window rows)."""
+        readout, n = self.readout, tokens.shape[1]
+        prompt_row: list[Tensor] = []
+
+        def after_prompt() -> None:
+            prompt_row.append(readout.window[:, -1:])
+            readout.rows = max(n, 1)
+
+        readout.rows = n + 1 if self.stream.encoder_decoder else 1
+        try:
+            out = self.stream.refill(rows, b, tokens, after_prompt)
+        finally:
+            readout.rows = 1
+        if self.stream.encoder_decoder:
+            return out, readout.window
+        if n == 0:
+            return out, prompt_row[0]
+        first = torch.nn.functional.pad(prompt_row[0], (0, readout.window.shape[-1] - prompt_row[0].shape[-1]))
+        return out, torch.cat([first, readout.window], dim=1)
+
+    def roll_back(self, b: int, p: int, scores: Tensor) -> Tensor:
+        """Return sample ``b`` to choosing token ``p`` again; its rows of ``scores`` become that re-choice."""
+        length = int(self.search.length[b])
+        if p > length or self.rollbacks[b, p] >= self.s.num_candidates:
+            p -= 1
+            if p < 1 or p > length or self.rollbacks[b, p] >= self.s.num_candidates:
+                return scores
+        before, after = self._find(b, p - 1), self._find(b, p)
+        if after is None or (p > 1 and before is None):
+            return scores  # outside the kept history
+        self.rollbacks[b, p] += 1
+        k, sr = self.s.num_beams, self.search
+        if before is None:  # back to the very first choice: the beam state at the start
+            fresh = BeamSearch(1, k, self.max_new, self.s.length_penalty, sr.eos, self.pad)
+            before = {name: getattr(fresh, name).expand(self.batch, *getattr(fresh, name).shape[1:])
+                      for name in ("length", "running", "running_scores", "seqs", "seq_len", "scores", "finished", "open")}
+        for name in ("length", "running", "running_scores", "seqs", "seq_len", "scores", "finished", "open"):
+            value = getattr(sr, name).clone()
+            value[b] = before[name][b]
+            setattr(sr, name, value)
+        vocab = scores.shape[-1]
+        ban = (after["parent"][b] - b * k) * vocab + after["tokens"][b]  # (K,) continuations chosen before
+        self.banned[(b, p)] = torch.cat([self.banned.get((b, p), ban[:0]), ban])
+        for key in [key for key in self.banned if key[0] == b and key[1] > p]:
+            del self.banned[key]
+        self.history_len[b] = p - 1
+        rows = torch.arange(b * k, (b + 1) * k, device=scores.device)
+        tokens = sr.running[b, :, :p - 1]
+        out, attn = self._refill(rows, b, tokens)
+        width = self.stream.mask.shape[1]
+        positions = torch.arange(width - p, width, device=scores.device) if self.stream.encoder_decoder else \
+            torch.arange(p, device=scores.device) + int(self.stream.inputs["input_ids"].shape[1]) - 1
+        self.window.rebuild(rows, attn, positions)
+        log_p = torch.log_softmax(out.logits, -1).view(-1)  # beams of sample b, flattened (K * V)
+        log_p[self.banned[(b, p)]] = float("-inf")
+        scores = scores.clone()
+        scores[rows] = log_p.view(k, vocab)
+        return scores
+
+
+@torch.no_grad()
+def opera(model, inputs: dict, settings: OPERASettings, *, max_new_tokens: int, pad_token_id: int,
+          eos_token_id: int | list[int] | None, image_mask: Tensor | None = None) -> Tensor:
+    """OPERA beam search (over-trust penalty + rollback); returns each row's best hypothesis."""
+    check_lengths(max_new_tokens, pad_token_id)
+    model = unwrap(model)
+    targets, encoder_decoder = _targets(model)
+    readout = OperaReadout(targets, encoder_decoder)
+    stream = Stream(model, inputs, prompt_image_mask(model, inputs, image_mask), readout)
+    with routed(model):
+        return Opera(stream, readout, settings, max_new_tokens, pad_token_id, eos_token_id).run()

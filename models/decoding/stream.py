@@ -1,0 +1,272 @@
+"""A batch of sequences decoded with its own KV cache, on any backbone of the registry (plain or grounded).
+
+``Stream`` runs the prompt through the whole VLM once (``prefill``) and then feeds one token per row to the text
+model (``step``), exactly as Hugging Face ``generate`` does: positions from the attention mask (left padding),
+an all-ones mask dropped, ``logits_to_keep=1``; for Flan-T5 the encoder runs once and the decoder starts from
+``decoder_start_token_id``. Several streams decode side by side (VCD: a noised image; PAI/M3ID: the prompt
+without its image). While a stream calls the model, its ``GroundingState`` (image positions, for grounded
+layers) and its attention edit (PAI, VAF, ...) are active; both are per-stream context variables, so a method's
+second pass is neither grounded with the wrong image nor edited.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from models.backbones import backbone_spec, image_token_mask
+from models.grounding import _ACTIVE_STATE, ATTENTION_EDIT, GroundingState
+
+# model_type -> the module that decodes text tokens once the image is in the cache (and runs text-only prompts)
+TEXT_MODEL: dict[str, Callable[[PreTrainedModel], nn.Module]] = {
+    "llava": lambda m: m,
+    "llava_next": lambda m: m,
+    "blip-2": lambda m: m.language_model,
+    "instructblip": lambda m: m.language_model,
+}
+
+
+def unwrap(model: nn.Module) -> PreTrainedModel:
+    """The Hugging Face model under a peft wrapper (LoRA layers are injected in place, so they still run)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_encoder_decoder(model: PreTrainedModel) -> bool:
+    return bool(getattr(model.config.get_text_config(), "is_encoder_decoder", False))
+
+
+def prompt_image_mask(model: PreTrainedModel, inputs: dict, image_mask: Tensor | None = None) -> Tensor:
+    """(B, L) bool image positions of the prompt (encoder prompt for Flan-T5): given, or from the placeholders."""
+    input_ids = inputs.get("input_ids")
+    if input_ids is None:
+        raise ValueError("decoding needs inputs['input_ids'] (the prompt with its image placeholder tokens)")
+    if image_mask is None:
+        return image_token_mask(model, input_ids, inputs.get("pixel_values") is not None)
+    if image_mask.shape != input_ids.shape or image_mask.dtype != torch.bool:
+        raise ValueError(f"image_mask must be a bool tensor shaped like input_ids {tuple(input_ids.shape)}, "
+                         f"got {image_mask.dtype} {tuple(image_mask.shape)}")
+    return image_mask.to(input_ids.device)
+
+
+def text_only_inputs(inputs: dict, image_mask: Tensor, pad_token_id: int) -> tuple[dict, Tensor]:
+    """The prompt without its image tokens, re-left-padded, and its (all False) image mask."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask", torch.ones_like(ids)).bool()
+    rows = [row[keep] for row, keep in zip(ids, mask & ~image_mask)]
+    empty = [i for i, row in enumerate(rows) if row.numel() == 0]
+    if empty:
+        raise ValueError(f"prompt rows {empty} hold nothing but the image: a text-only pass needs some prompt text")
+    width = max(row.numel() for row in rows)
+    out = ids.new_full((len(rows), width), pad_token_id)
+    keep = torch.zeros_like(out)
+    for i, row in enumerate(rows):
+        out[i, width - row.numel():] = row
+        keep[i, width - row.numel():] = 1
+    return {"input_ids": out, "attention_mask": keep}, torch.zeros_like(out, dtype=torch.bool)
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    return name in inspect.signature(module.forward).parameters
+
+
+@contextlib.contextmanager
+def activated(state: GroundingState, edit: Callable | None):
+    """Make ``state`` the grounding inputs and ``edit`` the attention edit of every attention call inside."""
+    token_state, token_edit = _ACTIVE_STATE.set(state), ATTENTION_EDIT.set(edit)
+    try:
+        yield
+    finally:
+        ATTENTION_EDIT.reset(token_edit)
+        _ACTIVE_STATE.reset(token_state)
+
+
+@dataclass
+class StepOutput:
+    logits: Tensor  # (N, V) float32, next-token logits of the last position
+    hidden: tuple[Tensor, ...] | None = None  # per hidden-state index, (N, D) at the last position
+
+
+class Stream:
+    """Prompt ``inputs`` (input_ids, attention_mask, pixel_values, ... as the VLM's processor makes them)."""
+
+    def __init__(self, model: PreTrainedModel, inputs: dict, image_mask: Tensor, edit: Callable | None = None,
+                 hidden_states: bool = False) -> None:
+        backbone_spec(model)  # unsupported architectures fail here, naming the supported ones
+        self.model = model
+        self.text_model = TEXT_MODEL[model.config.model_type](model)
+        self.encoder_decoder = is_encoder_decoder(model)
+        self.inputs = inputs
+        self.state = GroundingState(image_mask)
+        self.edit = edit
+        self.hidden_states = hidden_states
+        self.cache = None
+        self.mask: Tensor | None = None  # (N, S) long over cache positions (decoder positions for Flan-T5)
+        self.mask_dropped = False  # generate() passes no mask when the prompt has no padding
+        self.last_pos: Tensor | None = None  # (N,) position id of the last fed token
+        self.encoder: Tensor | None = None  # Flan-T5: (N, L, D) encoder states and their (N, L) mask
+        self.encoder_mask: Tensor | None = None
+        self.generated = 0  # tokens fed after the prompt
+        if edit is not None and hasattr(edit, "bind"):
+            edit.bind(self)
+
+    # ------------------------------------------------------------------ calls
+    def _call(self, fn: nn.Module, kwargs: dict, state: GroundingState | None = None) -> StepOutput:
+        """Run ``fn`` with this stream's grounding state and edit active; keeps the returned cache."""
+        out, self.cache = self._run(fn, kwargs, state or self.state)
+        return out
+
+    def _run(self, fn: nn.Module, kwargs: dict, state: GroundingState) -> tuple[StepOutput, object]:
+        if self.hidden_states:
+            kwargs["output_hidden_states"] = True
+        with activated(state, self.edit):
+            out = fn(**kwargs, use_cache=True)
+        lm = getattr(out, "language_model_outputs", None)
+        lm = out if lm is None else lm
+        if self.encoder_decoder and self.encoder is None:
+            self.encoder = lm.encoder_last_hidden_state
+        hidden = None
+        if self.hidden_states:
+            states = lm.decoder_hidden_states if self.encoder_decoder else lm.hidden_states
+            hidden = tuple(h[:, -1] for h in states)
+        return StepOutput(out.logits[:, -1].float(), hidden), lm.cache
+
+    def _decoder_start(self, batch: int, device: torch.device) -> Tensor:
+        config = self.text_model.generation_config
+        start = config.decoder_start_token_id
+        if start is None:
+            start = self.text_model.config.decoder_start_token_id
+        if start is None:
+            raise ValueError("the Flan-T5 language model has no decoder_start_token_id in its generation config")
+        return torch.full((batch, 1), int(start), dtype=torch.long, device=device)
+
+    def prefill(self) -> StepOutput:
+        """Run the prompt; the logits of its last position choose the first new token."""
+        inputs = dict(self.inputs)
+        ids = inputs["input_ids"]
+        has_pixels = inputs.get("pixel_values") is not None
+        fn = self.model if has_pixels else self.text_model
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.long()
+        if self.encoder_decoder:
+            self.encoder_mask = mask
+            inputs["attention_mask"] = mask
+            dec = inputs.pop("decoder_input_ids", None)
+            inputs["decoder_input_ids"] = self._decoder_start(ids.shape[0], ids.device) if dec is None else dec
+            self.mask = torch.ones_like(inputs["decoder_input_ids"])
+            return self._call(fn, inputs)
+        self.mask = mask
+        self.mask_dropped = bool(mask.all())
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        self.last_pos = positions[:, -1]
+        inputs["attention_mask"] = None if self.mask_dropped else mask
+        self._positions(inputs, positions)
+        return self._call(fn, inputs)
+
+    def step(self, tokens: Tensor) -> StepOutput:
+        """Feed one token per row (N,); the logits choose the next one."""
+        self.generated += 1
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        if self.encoder_decoder:
+            kwargs = dict(encoder_outputs=(self.encoder,), attention_mask=self.encoder_mask,
+                          decoder_input_ids=tokens[:, None], cache=self.cache)
+            if not bool(self.mask.all()):
+                kwargs["decoder_attention_mask"] = self.mask
+            return self._call(self.text_model, kwargs)
+        self.last_pos = self.last_pos + 1
+        kwargs = dict(input_ids=tokens[:, None], attention_mask=None if self.mask_dropped else self.mask,
+                      cache=self.cache)
+        self._positions(kwargs, self.last_pos[:, None])
+        return self._call(self.text_model, kwargs)
+
+    # ------------------------------------------------------------------ beams
+    def expand(self, k: int) -> None:
+        """Every row becomes ``k`` consecutive rows (beams), as generate() expands its inputs."""
+        self.cache.batch_repeat_interleave(k)
+        for name in ("mask", "last_pos", "encoder", "encoder_mask"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.repeat_interleave(k, dim=0))
+
+    def reorder(self, index: Tensor) -> None:
+        """Row ``i`` continues row ``index[i]`` (beam search)."""
+        self.cache.reorder_cache(index)
+        for name in ("mask", "last_pos", "encoder", "encoder_mask"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[index])
+
+    # ------------------------------------------------------------------ OPERA
+    def peek(self, tokens: Tensor) -> StepOutput:
+        """``step`` whose token is dropped from the cache again (a candidate's forward pass)."""
+        saved = self.mask, self.last_pos, self.generated
+        out = self.step(tokens)
+        self.cache.crop(-1)
+        self.mask, self.last_pos, self.generated = saved
+        return out
+
+    def refill(self, rows: Tensor, sample: int, tokens: Tensor, after_prompt: Callable[[], None] | None = None
+               ) -> StepOutput:
+        """Recompute cache rows ``rows`` as prompt row ``sample`` + ``tokens`` (R, n), keeping the cache length.
+
+        Decoder-only: the prompt is run as in ``prefill`` (``after_prompt`` is called then), the tokens as one
+        multi-token step; the prompt keeps its positions (so do its image tokens) and the rest of the row becomes
+        masked holes. Flan-T5: one decoder pass over the left-padded decoder row (T5's relative positions only see
+        differences).
+        """
+        k, n = tokens.shape
+        length = self.mask.shape[1]
+        state = GroundingState(self.state.image_mask[sample:sample + 1])
+        if self.encoder_decoder:
+            pad = length - n - 1
+            start = self._decoder_start(k, tokens.device)
+            ids = torch.cat([start.expand(k, pad), start, tokens], dim=1)
+            mask = torch.cat([torch.zeros_like(ids[:, :pad]), torch.ones_like(ids[:, pad:])], dim=1)
+            out, fresh = self._run(self.text_model, dict(
+                encoder_outputs=(self.encoder[rows],), attention_mask=self.encoder_mask[rows],
+                decoder_input_ids=ids, decoder_attention_mask=mask), state)
+        else:
+            prompt = {key: value[sample:sample + 1].expand(k, *value.shape[1:])
+                      for key, value in self.inputs.items() if torch.is_tensor(value)}
+            prompt_mask = prompt.get("attention_mask", torch.ones_like(prompt["input_ids"])).long()
+            mask = torch.cat([prompt_mask, torch.ones_like(tokens)], dim=1)
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            width = prompt_mask.shape[1]
+            kwargs = dict(prompt, attention_mask=prompt_mask)
+            self._positions(kwargs, positions[:, :width])
+            fn = self.model if prompt.get("pixel_values") is not None else self.text_model
+            out, fresh = self._run(fn, kwargs, state)
+            if after_prompt is not None:
+                after_prompt()
+            if n:
+                kwargs = dict(input_ids=tokens, attention_mask=mask, cache=fresh)
+                self._positions(kwargs, positions[:, width:])
+                out, fresh = self._run(self.text_model, kwargs, state)
+            self.last_pos[rows] = positions[:, -1]
+        self._write_rows(rows, fresh, mask.shape[1])
+        self.mask[rows] = torch.nn.functional.pad(mask, (0, length - mask.shape[1]))
+        self.mask_dropped = False
+        return out
+
+    def _positions(self, kwargs: dict, positions: Tensor) -> None:
+        """Position ids and ``logits_to_keep=1`` where the text model takes them (as generate() passes them)."""
+        if _accepts(self.text_model, "position_ids"):
+            kwargs["position_ids"] = positions
+        if _accepts(self.text_model, "logits_to_keep"):
+            kwargs["logits_to_keep"] = 1
+
+    def _write_rows(self, rows: Tensor, fresh, width: int) -> None:
+        """Copy the self-attention cache ``fresh`` (R rows, ``width`` positions) into rows ``rows``; zero the rest."""
+        def layers(cache):
+            return getattr(cache, "self_attention_cache", cache).layers
+
+        for main, new in zip(layers(self.cache), layers(fresh)):
+            for name in ("keys", "values"):
+                target = getattr(main, name)
+                target[rows] = 0
+                target[rows, :, :width] = getattr(new, name).to(target.dtype)
