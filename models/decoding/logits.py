@@ -12,7 +12,6 @@ import zlib
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from models.backbones import backbone_spec
@@ -64,8 +63,8 @@ def add_diffusion_noise(pixel_values: Tensor, noise_step: int, seed: int) -> Ten
     alpha_bar = diffusion_alpha_bar(noise_step)
     noise = torch.empty_like(pixel_values, dtype=torch.float32)
     for i, image in enumerate(pixel_values):
-        digest = zlib.crc32(image.detach().float().cpu().numpy().tobytes())
-        g = torch.Generator().manual_seed(seed * 2**32 + digest)
+        digest = zlib.crc32(image.detach().float().cpu().numpy().tobytes(), zlib.crc32(str(seed).encode()))
+        g = torch.Generator().manual_seed(digest)  # the CPU generator keeps 32 bits of a seed
         noise[i] = torch.randn(image.shape, generator=g).to(noise.device)
     noisy = math.sqrt(alpha_bar) * pixel_values.float() + math.sqrt(1 - alpha_bar) * noise
     return noisy.to(pixel_values.dtype)
@@ -144,11 +143,15 @@ def dola_candidate_layers(layers: str | list[int], n_layers: int, skip_embedding
 
 
 def jsd_per_row(final: Tensor, premature: Tensor) -> Tensor:
-    """(N, V), (M, N, V) logits -> (M, N) Jensen-Shannon divergence (mean over the vocabulary, as upstream)."""
-    p, q = torch.softmax(final, -1)[None], torch.softmax(premature, -1)
-    m = 0.5 * (p + q)
-    kl_p = F.kl_div(torch.log_softmax(final, -1)[None].expand_as(q), m, reduction="none").mean(-1)
-    kl_q = F.kl_div(torch.log_softmax(premature, -1), m, reduction="none").mean(-1)
+    """(N, V), (M, N, V) logits -> (M, N) Jensen-Shannon divergence ``(KL(p||m) + KL(q||m)) / 2``, m = (p + q) / 2.
+
+    The paper's JSD. DoLa's code and Hugging Face pass the arguments of ``F.kl_div`` the other way round, which
+    gives ``(KL(m||p) + KL(m||q)) / 2`` (docs/methods.md).
+    """
+    log_p, log_q = torch.log_softmax(final, -1)[None], torch.log_softmax(premature, -1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2)
+    kl_p = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_q = (log_q.exp() * (log_q - log_m)).sum(-1)
     return 0.5 * (kl_p + kl_q)
 
 
