@@ -111,6 +111,18 @@ def test_greedy_beam_and_neutral_opera_equal_hugging_face(family: str, grounded:
     assert not _same(beam_ref, greedy_ref, eos), "beam search must differ from greedy here, or the test is blind"
 
 
+def test_flan_t5_decoder_prompt_is_continued_like_generate() -> None:
+    model = _model("blip2_t5")
+    inputs = _inputs(model)
+    prompt = torch.tensor([[0, 7, 9]] * len(PADS))  # decoder start + two given tokens
+    with torch.no_grad():
+        ref = model.generate(**inputs, decoder_input_ids=prompt, max_new_tokens=NEW, do_sample=False,
+                             pad_token_id=PAD_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)[:, prompt.shape[1]:]
+    ours = _run(model, {**inputs, "decoder_input_ids": prompt}, "greedy", GreedySettings())
+    assert _same(ours, ref, EOS_TOKEN_ID)
+    assert not _same(ours, _run(model, inputs, "greedy", GreedySettings()), EOS_TOKEN_ID)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_neutral_settings_equal_greedy(family: str) -> None:
     model = _model(family)

@@ -100,6 +100,8 @@ class Stream:
         backbone_spec(model)  # unsupported architectures fail here, naming the supported ones
         self.model = model
         self.text_model = TEXT_MODEL[model.config.model_type](model)
+        self._takes_positions = _accepts(self.text_model, "position_ids")
+        self._takes_logits_to_keep = _accepts(self.text_model, "logits_to_keep")
         self.encoder_decoder = is_encoder_decoder(model)
         self.inputs = inputs
         self.state = GroundingState(image_mask)
@@ -255,9 +257,9 @@ class Stream:
 
     def _positions(self, kwargs: dict, positions: Tensor) -> None:
         """Position ids and ``logits_to_keep=1`` where the text model takes them (as generate() passes them)."""
-        if _accepts(self.text_model, "position_ids"):
+        if self._takes_positions:
             kwargs["position_ids"] = positions
-        if _accepts(self.text_model, "logits_to_keep"):
+        if self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
 
     def _write_rows(self, rows: Tensor, fresh, width: int) -> None:

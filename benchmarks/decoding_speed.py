@@ -1,0 +1,200 @@
+"""Captions per second of every decoding method at batch 1 and batch 32, and its cost relative to greedy.
+
+Models: ``demo`` (the offline demo backbone's architecture, random weights: CLIP 64 x 2, 64 image tokens,
+Llama 64 x 2) and ``cpu`` (the CPU Llama preset of benchmarks/overhead.py: Llama 512 x 8, 144 image + 64 text
+tokens). Every row decodes exactly ``--new-tokens`` tokens (no EOS), methods at their published defaults.
+Repetitions are interleaved (greedy, beam, vcd, ..., greedy, beam, ...) so drift hits all alike; the table uses
+the median and prints, measured in one run:
+
+- ``speedup``: captions/s at the large batch / captions/s at batch 1 (target >= 8 on the 8-layer preset);
+- ``cost``: seconds of the method / seconds of greedy at the same batch;
+- ``passes``: forward passes per caption relative to greedy (the cost when a step is latency-bound, batch 1);
+- ``work``: token-forwards relative to greedy (rows x tokens through the model, the cost when compute-bound);
+- ``cost/theory``: cost / passes at batch 1 and cost / work at the large batch (target within 1.2x).
+
+    python benchmarks/decoding_speed.py                      # demo + cpu preset, batches 1 and 32
+    python benchmarks/decoding_speed.py --models cpu --reps 3
+    python benchmarks/decoding_speed.py --smoke              # tiny sizes, a few seconds (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.decoding import METHODS  # noqa: E402
+from models.decoding.settings import OPERASettings  # noqa: E402
+
+
+@dataclass
+class Bench:
+    """A model and how to make a batch for it."""
+
+    model: torch.nn.Module
+    inputs: Callable[[int], dict]
+    prompt_tokens: int  # image + text tokens of a prompt
+    text_tokens: int  # the prompt without its image (PAI/M3ID's second pass)
+    description: str
+
+
+def _prompt(batch: int, before: int, image: int, after: int, image_id: int, vocab: int, pixels: tuple) -> dict:
+    g = torch.Generator().manual_seed(0)
+
+    def text(n: int) -> torch.Tensor:  # ids past the special ones, never the image placeholder
+        ids = torch.randint(5, vocab, (batch, n), generator=g)
+        return ids.masked_fill(ids == image_id, 5 if image_id != 5 else 6)
+
+    ids = torch.cat([text(before), torch.full((batch, image), image_id), text(after)], dim=1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(batch, *pixels, generator=g)}
+
+
+def demo() -> Bench:
+    from models.demo_backbone import TinyLlavaConfig, build_model, train_tokenizer
+
+    config = TinyLlavaConfig()
+    words = "a the red green blue small large cube sphere cylinder left right of on near image shows there is".split()
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(200)]
+    tokenizer = train_tokenizer(texts, config.vocab_size)
+    model = build_model(tokenizer, config).eval()
+    image_id = model.config.image_token_id
+    size = (3, config.image_size, config.image_size)
+    return Bench(model, lambda b: _prompt(b, 1, config.image_tokens, 8, image_id, len(tokenizer), size),
+                 config.image_tokens + 9, 9,
+                 f"demo backbone (random weights): Llama {config.text_hidden} x {config.text_layers} layers, "
+                 f"{config.image_tokens} image + 9 text tokens, vocab {len(tokenizer)}")
+
+
+def cpu_preset() -> Bench:
+    from benchmarks.overhead import IMAGE_TOKEN_ID, PRESETS, build
+
+    p = PRESETS["cpu"]
+    model = build(p, "cpu")[0].eval()
+    n_img = (p.image_size // p.patch) ** 2
+    size = (3, p.image_size, p.image_size)
+    return Bench(model, lambda b: _prompt(b, 5, n_img, p.text_tokens - 5, IMAGE_TOKEN_ID, p.vocab, size),
+                 n_img + p.text_tokens, p.text_tokens,
+                 f"overhead.py cpu preset: Llama {p.hidden} x {p.layers} layers, {n_img} image + {p.text_tokens} "
+                 f"text tokens, vocab {p.vocab}")
+
+
+def tiny() -> Bench:
+    from models.tiny import IMAGE_TOKEN_ID, VOCAB, tiny_llava
+
+    torch.manual_seed(0)
+    model = tiny_llava().eval()
+    return Bench(model, lambda b: _prompt(b, 2, 16, 4, IMAGE_TOKEN_ID, VOCAB, (3, 32, 32)), 22, 6, "tiny LLaVA")
+
+
+BUILDERS = {"demo": demo, "cpu": cpu_preset, "tiny": tiny}
+
+
+def theory(name: str, settings, prompt: int, text: int, new: int) -> tuple[float, float]:
+    """(forward passes, token-forwards) per caption relative to greedy, for ``new`` tokens after a prompt."""
+    greedy_work = prompt + new - 1
+    if name == "beam":
+        k = settings.num_beams
+        return 1.0, (prompt + k * (new - 1)) / greedy_work
+    if name == "opera":
+        k, c = settings.num_beams, settings.num_candidates
+        return 1.0 + c, (prompt + k * (new - 1) + k * c * new) / greedy_work
+    if name == "vcd" or (name == "pai" and settings.gamma != 1) or name == "m3id":
+        extra = prompt if name == "vcd" else text
+        return 2.0, 1.0 + (extra + new - 1) / greedy_work
+    return 1.0, 1.0
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(bench: Bench, batch: int, methods: list[str], new: int, reps: int) -> dict[str, float]:
+    """Median seconds per method at ``batch``, repetitions interleaved over the methods."""
+    inputs = bench.inputs(batch)
+    runs = {}
+    for name in methods:
+        settings = METHODS[name].settings()
+        runs[name] = (lambda f=METHODS[name].fn, s=settings: f(bench.model, inputs, s, max_new_tokens=new,
+                                                                pad_token_id=0, eos_token_id=None))
+    runs["greedy"]()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(reps):
+        for name in methods:
+            times[name].append(timed(runs[name]))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def report(bench: Bench, batches: list[int], methods: list[str], new: int, reps: int) -> list[dict]:
+    small, large = batches
+    seconds = {b: measure(bench, b, methods, new, reps) for b in batches}
+    rows = []
+    for name in methods:
+        passes, work = theory(name, METHODS[name].settings(), bench.prompt_tokens, bench.text_tokens, new)
+        rate = {b: b / seconds[b][name] for b in batches}
+        cost = {b: seconds[b][name] / seconds[b]["greedy"] for b in batches}
+        rows.append(dict(method=name, small=rate[small], large=rate[large], speedup=rate[large] / rate[small],
+                         cost_small=cost[small], cost_large=cost[large], passes=passes, work=work,
+                         fit_small=cost[small] / passes, fit_large=cost[large] / work))
+    return rows
+
+
+def print_table(rows: list[dict], batches: list[int]) -> None:
+    small, large = batches
+    print(f"| method | captions/s b{small} | captions/s b{large} | speedup b{large}/b{small} | cost b{small} | "
+          f"cost b{large} | passes | work | cost/passes b{small} | cost/work b{large} |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['method']} | {r['small']:.2f} | {r['large']:.2f} | {r['speedup']:.1f} | {r['cost_small']:.2f} | "
+              f"{r['cost_large']:.2f} | {r['passes']:.1f} | {r['work']:.2f} | {r['fit_small']:.2f} | "
+              f"{r['fit_large']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="demo,cpu", help=f"comma-separated, of {sorted(BUILDERS)}")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method names")
+    parser.add_argument("--batches", default="1,32", help="two batch sizes: small,large")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, batches 1,2, 3 tokens, 1 rep")
+    args = parser.parse_args()
+    if args.smoke:
+        args.models, args.batches, args.new_tokens, args.reps = "tiny", "1,2", 3, 1
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
+    if "greedy" not in methods:
+        methods.insert(0, "greedy")
+    batches = [int(b) for b in args.batches.split(",")]
+    if len(batches) != 2:
+        parser.error("--batches takes two sizes, e.g. 1,32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opera = OPERASettings()
+    print(f"torch {torch.__version__}, CPU x{torch.get_num_threads()} threads; {args.new_tokens} new tokens per "
+          f"caption, no EOS; median of {args.reps} interleaved reps; defaults (opera: {opera.num_beams} beams x "
+          f"{opera.num_candidates} candidates)")
+    with torch.no_grad():
+        for name in args.models.split(","):
+            if name not in BUILDERS:
+                parser.error(f"unknown model {name!r}; known: {sorted(BUILDERS)}")
+            bench = BUILDERS[name]()
+            print(f"\n{name}: {bench.description}")
+            print_table(report(bench, batches, methods, args.new_tokens, args.reps), batches)
+
+
+if __name__ == "__main__":
+    main()
