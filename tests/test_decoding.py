@@ -185,6 +185,26 @@ def test_methods_compose_with_grounding(family: str) -> None:
             assert not torch.equal(grounded, untouched), f"{name}: grounding had no effect"
 
 
+def test_stream_records_grounding_scores_like_generate() -> None:
+    """A stream's recorder sees the same grounding scores as generate() (what a grounding-guided method reads)."""
+    from models import GroundingRecorder
+    from models.decoding.search import greedy_search
+    from models.decoding.stream import Stream, prompt_image_mask
+
+    model = _model("llava", grounded=True)
+    inputs = _inputs(model)
+    reference = GroundingRecorder()
+    with reference, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=PAD_TOKEN_ID, eos_token_id=None)
+    ours = GroundingRecorder()
+    stream = Stream(model, inputs, prompt_image_mask(model, inputs), recorder=ours)
+    with torch.no_grad():
+        greedy_search([stream], lambda outs, step: outs[0].logits, max_new_tokens=NEW, pad_token_id=PAD_TOKEN_ID,
+                      eos_token_id=None)
+    layer = reference.layers[0]
+    torch.testing.assert_close(ours.sequence_scores(layer), reference.sequence_scores(layer), equal_nan=True)
+
+
 # ------------------------------------------------------------------------------------------ registry and errors
 def test_registry_and_settings_blocks_match() -> None:
     blocks = {f.name for f in dataclasses.fields(DecodingSettings)} - {"method"}

@@ -11,7 +11,6 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from models.backbones import backbone_spec
 from models.decoding.attention import (
     AAIEdit,
     EAHEdit,
@@ -176,7 +175,6 @@ def aai(model, inputs: dict, settings: AAISettings, *, max_new_tokens: int, pad_
         eos_token_id: int | list[int] | None, image_mask: Tensor | None = None) -> Tensor:
     """AAI: after ``warmup`` tokens, each decoding query's image attention is pulled toward the vision reference."""
     model = unwrap(model)
-    backbone_spec(model)
     mask = prompt_image_mask(model, inputs, image_mask)
     layers = layer_range(settings.start_layer, settings.end_layer, text_layers(model))
     edit = AAIEdit(decoder_targets(model, layers), settings.alpha, settings.beta, settings.warmup,

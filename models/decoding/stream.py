@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from models.backbones import backbone_spec, image_token_mask
-from models.grounding import _ACTIVE_STATE, ATTENTION_EDIT, GroundingState
+from models.grounding import _ACTIVE_STATE, ATTENTION_EDIT, GroundingRecorder, GroundingState
 
 # model_type -> the module that decodes text tokens once the image is in the cache (and runs text-only prompts)
 TEXT_MODEL: dict[str, Callable[[PreTrainedModel], nn.Module]] = {
@@ -96,7 +96,7 @@ class Stream:
     """Prompt ``inputs`` (input_ids, attention_mask, pixel_values, ... as the VLM's processor makes them)."""
 
     def __init__(self, model: PreTrainedModel, inputs: dict, image_mask: Tensor, edit: Callable | None = None,
-                 hidden_states: bool = False) -> None:
+                 hidden_states: bool = False, recorder: GroundingRecorder | None = None) -> None:
         backbone_spec(model)  # unsupported architectures fail here, naming the supported ones
         self.model = model
         self.text_model = TEXT_MODEL[model.config.model_type](model)
@@ -104,7 +104,7 @@ class Stream:
         self._takes_logits_to_keep = _accepts(self.text_model, "logits_to_keep")
         self.encoder_decoder = is_encoder_decoder(model)
         self.inputs = inputs
-        self.state = GroundingState(image_mask)
+        self.state = GroundingState(image_mask, recorder)  # recorder: grounding scores of a grounded model
         self.edit = edit
         self.hidden_states = hidden_states
         self.cache = None
