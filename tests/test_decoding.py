@@ -111,6 +111,26 @@ def test_greedy_beam_and_neutral_opera_equal_hugging_face(family: str, grounded:
     assert not _same(beam_ref, greedy_ref, eos), "beam search must differ from greedy here, or the test is blind"
 
 
+def test_peft_wrapped_model_decodes_with_its_adapters() -> None:
+    """A LoRA-wrapped grounded model (what training leaves) decodes like its generate(), adapters included."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _model("llava", grounded=True)
+    inputs = _inputs(model)
+    before = _run(model, inputs, "greedy", GreedySettings())
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["grounding_gate"])
+    wrapped = get_peft_model(model, lora).eval()
+    for name, param in wrapped.named_parameters():
+        if "lora_B" in name:  # as if trained: LoRA starts as the identity
+            torch.nn.init.normal_(param, std=0.5)
+    with torch.no_grad():
+        ref = wrapped.generate(**inputs, max_new_tokens=NEW, do_sample=False, pad_token_id=PAD_TOKEN_ID,
+                               eos_token_id=EOS_TOKEN_ID)[:, inputs["input_ids"].shape[1]:]
+    ours = _run(wrapped, inputs, "greedy", GreedySettings())
+    assert _same(ours, ref, EOS_TOKEN_ID) and not torch.equal(ours, before)
+    assert _run(wrapped, inputs, "pai", ACTIVE["pai"]).shape[0] == len(PADS)
+
+
 def test_flan_t5_decoder_prompt_is_continued_like_generate() -> None:
     model = _model("blip2_t5")
     inputs = _inputs(model)
