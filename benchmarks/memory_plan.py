@@ -144,23 +144,15 @@ def read_run_settings(path: Path, gpus: int) -> RunSettings:
     )
 
 
-def llava_config(arch: Arch):
+def llava_1_5_config(arch: Arch):
     """llava-hf/llava-1.5-{7b,13b}-hf's configuration, built locally (no hub access needed)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from models.tiny import clip_vision_config, llama_config, llava_config
 
-    vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768,
-    )
-    text = LlamaConfig(
-        hidden_size=arch.hidden, num_hidden_layers=arch.layers, num_attention_heads=arch.heads,
-        num_key_value_heads=arch.heads, intermediate_size=arch.intermediate, vocab_size=arch.vocab,
-        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-    )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=32000, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu", image_seq_length=IMAGE_TOKENS,
-    )
+    vision = clip_vision_config(1024, 24, image_size=336, patch=14, heads=16, intermediate=4096, projection_dim=768)
+    text = llama_config(arch.hidden, arch.layers, arch.heads, kv_heads=arch.heads, vocab=arch.vocab,
+                        intermediate=arch.intermediate, max_positions=4096, rms_norm_eps=1e-5,
+                        tie_word_embeddings=False, pad_token_id=None)
+    config = llava_config(vision, text, image_token_id=32000, vision_feature_layer=-2, projector_hidden_act="gelu")
     config._attn_implementation = "sdpa"
     return config
 
@@ -178,7 +170,7 @@ def count_params(arch: Arch, run: RunSettings) -> ParamCounts:
     from models.grounding import GroundingConfig
 
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(llava_config(arch))
+        model = LlavaForConditionalGeneration(llava_1_5_config(arch))
     inner = model.model
     counts = {
         "base_total": _numel(model), "vision": _numel(inner.vision_tower),

@@ -29,8 +29,9 @@ import torch
 from metrics.chair import CHAIR, chair
 from metrics.chair_gt import build_coco_ground_truth, load_gt_objects
 from metrics.coco_objects import COCO_CATEGORIES
+from metrics.english import singularize_lemma
 from metrics.pope import POPE, pope
-from metrics.text import _chunk_tokens, singularize, singularize_lemma
+from metrics.text import _chunk_tokens, singularize
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "opera_chair"
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
+from transformers import LlavaForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 
 from models import GroundingConfig, add_grounding
-from models.tiny import clip_vision_config, llama_config
+from models.tiny import clip_vision_config, llama_config, llava_config
 
 IMAGE_TOKEN_ID = 3
 
@@ -50,18 +50,11 @@ PRESETS = {
 
 
 def build(preset: Preset, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    text = llama_config(preset.hidden, preset.layers, preset.heads, preset.kv_heads, preset.vocab)
-    text.intermediate_size = preset.intermediate
-    text.max_position_embeddings = 4096
+    text = llama_config(preset.hidden, preset.layers, preset.heads, preset.kv_heads, preset.vocab,
+                        intermediate=preset.intermediate, max_positions=4096)
     # a one-layer narrow vision tower: the language model dominates the cost, as in a real VLM
     vision = clip_vision_config(hidden=32, layers=1, image_size=preset.image_size, patch=preset.patch)
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=IMAGE_TOKEN_ID,
-        image_seq_length=(preset.image_size // preset.patch) ** 2,
-        vision_feature_layer=-1,
-    )
+    config = llava_config(vision, text, IMAGE_TOKEN_ID)
     torch.manual_seed(0)
     plain = LlavaForConditionalGeneration(config).to(device=device, dtype=preset.dtype)
     grounded = LlavaForConditionalGeneration(config).to(device=device, dtype=preset.dtype)

@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from torch.utils.data import DataLoader
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from models import GroundedVLM, GroundingConfig, LoraSettings, ObjectiveConfig
 from models.demo_backbone import train_tokenizer
+from models.tiny import clip_vision_config, llama_config, llava_config
 
 
 @dataclass(frozen=True)
@@ -63,15 +64,11 @@ IMAGE_TOKEN = 32000 % 256  # an id inside every shape's vocabulary
 
 def build_backbone(shape: Shape, directory: Path, device: str) -> Path:
     """Random weights of the shape (built on ``device`` for speed), saved with a small tokenizer."""
-    vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
-                              num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
-                              image_size=shape.image_size, patch_size=shape.patch, projection_dim=768)
-    text = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.text_hidden, intermediate_size=shape.text_mlp,
-                       num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
-                       num_key_value_heads=shape.text_heads, max_position_embeddings=4096)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-                         image_seq_length=shape.image_tokens, vision_feature_layer=-2,
-                         vision_feature_select_strategy="default")
+    vision = clip_vision_config(shape.vision_hidden, shape.vision_layers, shape.image_size, shape.patch,
+                                heads=shape.vision_heads, intermediate=4 * shape.vision_hidden, projection_dim=768)
+    text = llama_config(shape.text_hidden, shape.text_layers, shape.text_heads, kv_heads=shape.text_heads,
+                        vocab=shape.vocab, intermediate=shape.text_mlp, max_positions=4096)
+    config = llava_config(vision, text, IMAGE_TOKEN, vision_feature_layer=-2)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
     model.save_pretrained(directory)

@@ -37,8 +37,9 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from metrics.english import singularize_lemma
 from metrics.io import read_records, require_key
-from metrics.text import singularize_lemma, word_tokenize
+from metrics.text import word_tokenize
 
 __all__ = ["AMBER", "AmberAnnotations", "amber", "load_amber_annotations", "read_amber_responses"]
 

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from metrics.coco_objects import Mode, get_parser
-from metrics.io import normalize_image_id
+from metrics.io import instance_objects, load_instances, normalize_image_id, read_json
 
 __all__ = ["GroundTruth", "build_coco_ground_truth", "load_ground_truth", "load_gt_objects", "default_cache_dir"]
 
@@ -42,11 +42,7 @@ def default_cache_dir() -> Path:
 
 def load_gt_objects(path: str | Path, mode: Mode = "reference") -> GroundTruth:
     """Ground truth from a JSON object ``{image_id: [object names]}``."""
-    path = Path(path)
-    try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
+    mapping = read_json(path)
     if not isinstance(mapping, dict):
         raise ValueError(f"{path}: expected a JSON object mapping image id -> list of object names")
     return normalize_ground_truth(mapping, mode, source=str(path))
@@ -85,27 +81,14 @@ def _cache_key(files: list[Path], mode: Mode) -> str:
     return digest.hexdigest()[:24]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: malformed JSON at line {err.lineno}: {err.msg}") from None
-
-
 def _build(instances: list[Path], captions: list[Path], mode: Mode) -> dict[int | str, set[str]]:
     parser = get_parser(mode)
     objects: dict[int | str, set[str]] = {}
     for path in instances:
-        data = _read_json(path)
-        names = {cat["id"]: parser.node_word(cat["name"]) for cat in data.get("categories", [])}
-        for image in data.get("images", []):
-            objects.setdefault(normalize_image_id(image["id"]), set())
-        for ann in data.get("annotations", []):
-            if ann["category_id"] not in names:
-                raise ValueError(f"{path}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}")
-            objects.setdefault(normalize_image_id(ann["image_id"]), set()).add(names[ann["category_id"]])
+        for image_id, names in instance_objects(load_instances(path), str(path)).items():
+            objects.setdefault(normalize_image_id(image_id), set()).update(parser.node_word(n) for n in names)
     for path in captions:
-        data = _read_json(path)
+        data = read_json(path)
         for image in data.get("images", []):
             objects.setdefault(normalize_image_id(image["id"]), set())
         for ann in data.get("annotations", []):

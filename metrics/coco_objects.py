@@ -14,7 +14,7 @@ that count as mentions of it. Parsing a caption (reference rules, DESIGN.md sect
 table is split on ``", "`` so the entries written with two spaces (``" motor bike"``, ``" cheesecake"``)
 never match, ``iPhone`` is never matched after lower-casing, and Pattern's ``singularize`` turns ``bus``
 into ``bu`` and ``ties`` into ``ty``. ``lemma`` mode strips and lower-cases every entry and uses
-:func:`metrics.text.singularize_lemma`. Other modules (negative captions, grounding labels) reuse this
+:func:`metrics.english.singularize_lemma`. Other modules (negative captions, grounding labels) reuse this
 table so that "object word" means the same thing everywhere.
 """
 
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Literal
 
-from metrics.text import singularize, singularize_lemma, word_tokenize
+from metrics.english import singularize_lemma
+from metrics.text import singularize, word_tokenize
 
 __all__ = ["COCO_CATEGORIES", "Mode", "ObjectParser", "ParsedCaption", "get_parser"]
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from metrics.io import read_records, require_key
+from metrics.io import instance_objects, load_instances, read_records, require_key
 
 __all__ = [
     "POPE",
@@ -277,19 +277,12 @@ def coco_objects_per_image(instances: Mapping[str, Any] | str | Path) -> list[di
     Objects are the image's distinct categories in order of first annotation; images follow the
     ``images`` list; images without annotations are left out.
     """
-    if not isinstance(instances, Mapping):
-        instances = json.loads(Path(instances).read_text(encoding="utf-8"))
-    names = {c["id"]: c["name"] for c in instances["categories"]}
-    objects: dict[Any, list[str]] = {}
-    for ann in instances["annotations"]:
-        found = objects.setdefault(ann["image_id"], [])
-        name = names[ann["category_id"]]
-        if name not in found:
-            found.append(name)
+    coco = load_instances(instances)
+    objects = instance_objects(coco, str(instances) if not isinstance(instances, Mapping) else "instances")
     return [
         {"image": image.get("file_name", str(image["id"])), "image_id": image["id"], "objects": objects[image["id"]]}
-        for image in instances["images"]
-        if image["id"] in objects
+        for image in coco.dataset["images"]
+        if objects[image["id"]]
     ]
 
 

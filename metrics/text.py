@@ -11,7 +11,7 @@ is a download; Pattern 3.6 is not on PyPI), so this module re-implements their o
   followed by a lower-case word). Chunks are cached, so long logs tokenise fast.
 * :func:`singularize` follows Pattern's order of checks (uninflected suffixes, ``-ie`` words, irregular
   plurals, suffix rules), quirks included: ``glass`` -> ``glas``, ``bus`` -> ``bu``, ``ties`` -> ``ty``.
-* :func:`singularize_lemma` is the corrected variant used by CHAIR's ``lemma`` mode.
+* :func:`metrics.english.singularize_lemma` is the corrected variant used by CHAIR's ``lemma`` mode.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-__all__ = ["word_tokenize", "singularize", "singularize_lemma"]
+__all__ = ["IE_WORDS", "word_tokenize", "singularize"]
 
 # ---------------------------------------------------------------------------------------------------
 # Word tokenisation
@@ -185,13 +185,13 @@ _KEEP_SUFFIXES = frozenset(word[i:] for word in _UNINFLECTED for i in range(len(
 
 # "-ie" words whose plural only loses nothing: "<word>s" is returned unchanged. Pattern lists "pie" and
 # "tie" as "^pie"/"^tie", which never match, hence "ties" -> "ty".
-_IE_WORDS = (
+IE_WORDS = (
     "alergie cutie hoagie newbie softie veggie auntie doggie hottie nightie sortie weenie beanie eyrie "
     "indie oldie stoolie yuppie birdie freebie junkie sweetie zombie bogie goonie laddie pixie techie "
     "bombie groupie laramie quickie collie hankie lingerie reverie toughie cookie hippie meanie rookie "
     "valkyrie"
 ).split()
-_IE_PLURALS = tuple(word + "s" for word in _IE_WORDS)
+_IE_PLURALS = tuple(word + "s" for word in IE_WORDS)
 
 # Irregular plural suffixes, tried in this order (first suffix match wins: "women" -> "woman",
 # "four" -> "fmy" through "our" -> "my").
@@ -299,26 +299,3 @@ def singularize(word: str) -> str:
         if pattern.search(word):
             return _apply_rule(pattern, repl, word)
     return word
-
-
-# Corrections applied by the ``lemma`` mode before falling back to Pattern's rules.
-_LEMMA_KEEP_ENDINGS = ("ss", "us", "is", "ous")
-
-
-@lru_cache(maxsize=1 << 16)
-def singularize_lemma(word: str) -> str:
-    """``singularize`` with the reference's known mistakes fixed (CHAIR ``lemma`` mode).
-
-    Singular words ending in ``-ss``/``-us``/``-is`` keep their ``s`` (``glass``, ``bus``); ``-ie``
-    nouns such as ``tie``/``doggie`` lose only the ``s`` of their plural; ``buses`` -> ``bus``.
-
-    >>> [singularize_lemma(w) for w in ["glass", "glasses", "bus", "buses", "ties", "doggies", "dogs"]]
-    ['glass', 'glass', 'bus', 'bus', 'tie', 'doggie', 'dog']
-    """
-    if word.endswith(_LEMMA_KEEP_ENDINGS):
-        return word
-    if word.endswith("ses") and word[:-2].endswith(("ss", "us")):
-        return word[:-2]
-    if word.endswith("ies") and (word[:-1] in _IE_WORDS or word[:-1] in ("tie", "pie", "movie")):
-        return word[:-1]
-    return singularize(word)

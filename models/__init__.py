@@ -10,10 +10,13 @@ from models.backbones import (
     set_grounding_enabled,
 )
 from models.grounding import GroundingConfig, GroundingRecorder, GroundingState
-from models.module import GenerationSettings, GroundedVLM, LoraSettings, ObjectiveConfig
+from models.loading import BackboneSettings, LoraSettings, load_backbone
+from models.module import GenerationSettings, GroundedVLM
+from models.objective import ObjectiveConfig
 
 __all__ = [
     "BACKBONES",
+    "BackboneSettings",
     "GenerationSettings",
     "GroundedVLM",
     "LoraSettings",
@@ -22,6 +25,7 @@ __all__ = [
     "GroundingRecorder",
     "GroundingState",
     "add_grounding",
+    "load_backbone",
     "gate_modules",
     "grounding_config",
     "load_grounding",

@@ -12,15 +12,10 @@ from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    PreTrainedTokenizerFast,
-)
+from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+from models.tiny import clip_vision_config, llama_config, llava_config
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 BUILD_INFO = "demo_backbone.json"
@@ -99,37 +94,14 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, config: TinyLlavaConfig)
 def build_model(tokenizer: PreTrainedTokenizerFast, config: TinyLlavaConfig) -> LlavaForConditionalGeneration:
     import torch
 
-    vision = CLIPVisionConfig(
-        hidden_size=config.vision_hidden,
-        intermediate_size=4 * config.vision_hidden,
-        num_hidden_layers=config.vision_layers,
-        num_attention_heads=4,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        projection_dim=config.vision_hidden,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.text_hidden,
-        intermediate_size=4 * config.text_hidden,
-        num_hidden_layers=config.text_layers,
-        num_attention_heads=config.text_heads,
-        num_key_value_heads=config.text_heads,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    llava = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=config.image_tokens,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    vision = clip_vision_config(config.vision_hidden, config.vision_layers, config.image_size, config.patch_size,
+                                intermediate=4 * config.vision_hidden)
+    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id}
+    text = llama_config(config.text_hidden, config.text_layers, config.text_heads, kv_heads=config.text_heads,
+                        vocab=len(tokenizer), intermediate=4 * config.text_hidden, tie_word_embeddings=False, **special)
+    llava = llava_config(vision, text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(config.seed)
     model = LlavaForConditionalGeneration(llava)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -1,73 +1,43 @@
 """GroundedVLM: the LightningModule that trains and validates a grounded VLM.
 
-Loss (DESIGN.md section 4): ``L = L_LM(positive) + lambda_grounding * L_grounding + lambda_contrastive *
-L_contrastive``. Negative captions feed only the grounding and contrastive terms. Validation generates
-captions (CHAIR) and yes/no answers (POPE), tracks how often the data's biased companions are named where
-absent, and writes ``report.json`` / ``report.md`` into the run directory.
+Loss: :mod:`models.objective`. Loading (``from_pretrained``, grounding, LoRA, freezing, ZeRO-3):
+:mod:`models.loading`. Validation generates captions (CHAIR) and yes/no answers (POPE), tracks how often the
+data's biased companions are named where absent, and writes ``report.json`` / ``report.md``
+(:mod:`models.report`) into the run directory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import functools
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from models.backbones import add_grounding, save_grounding
+from models.backbones import save_grounding
 from models.grounding import GroundingConfig, GroundingRecorder
+from models.loading import (
+    BackboneSettings,
+    LoraSettings,
+    check_backbone,
+    check_quantization,
+    check_quantized_trainer,
+    gathered,
+    hold_zero3,
+    load_backbone,
+    trainable_names,
+    zero3_config,
+)
+from models.objective import ObjectiveConfig, contrastive_loss, grounding_loss, lm_loss, masked_mean, nanmean_layers
+from models.report import probe_rates, write_report
 
 log = logging.getLogger(__name__)
-IGNORE = -100
-
-
-@dataclass
-class ObjectiveConfig:
-    """Weights and kinds of the grounding terms.
-
-    Args:
-        lambda_grounding: weight of ``L_grounding``.
-        lambda_contrastive: weight of ``L_contrastive``.
-        grounding_loss: ``direct`` (-mean G over caption tokens), ``object`` (-mean G over object words) or
-            ``bce`` (BCE of the gate against labels: 1 on grounded object words, 0 on hallucinated ones).
-        margin: of ``relu(margin - (mean_obj G(pos) - mean_obj G(neg)))``.
-    """
-
-    lambda_grounding: float = 0.1
-    lambda_contrastive: float = 0.1
-    grounding_loss: Literal["direct", "object", "bce"] = "bce"
-    margin: float = 0.2
-
-    def __post_init__(self) -> None:
-        if self.grounding_loss not in ("direct", "object", "bce"):
-            raise ValueError(f"ObjectiveConfig.grounding_loss must be direct, object or bce, got {self.grounding_loss!r}")
-        for name in ("lambda_grounding", "lambda_contrastive", "margin"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}")
-
-
-@dataclass
-class LoraSettings:
-    """peft LoRA on the language model; grounding gates are always trained and saved with it.
-
-    ``target_modules``: module-name suffixes (peft matches them anywhere, vision tower included) or one regular
-    expression that must match a module's full name, e.g. ``.*language_model.*\\.(q_proj|v_proj)``.
-    """
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    modules_to_save: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -76,74 +46,6 @@ class GenerationSettings:
     answer_max_new_tokens: int = 4
     num_beams: int = 1
 
-
-def nanmean_layers(recorder: GroundingRecorder, logits: bool = False) -> Tensor:
-    """(B, T) mean over grounded layers of the recorded scores (or gate logits) of one forward."""
-    read = recorder.forward_logits if logits else recorder.forward_scores
-    return torch.stack([read(layer) for layer in recorder.layers]).mean(0)
-
-
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``values`` where ``mask`` (and values defined); 0 with a zero gradient if none."""
-    mask = mask & ~values.isnan()
-    if not bool(mask.any()):
-        return values.nan_to_num(0.0).sum() * 0.0
-    return values[mask].mean()
-
-
-def grounding_loss(kind: str, scores: Tensor, logits: Tensor, labels: Tensor, object_labels: Tensor,
-                   neg_logits: Tensor | None, neg_labels: Tensor | None) -> Tensor:
-    """L_grounding of a batch: scores/logits (B, T) of the positive pass, labels -100 outside the caption."""
-    if kind == "direct":
-        return -masked_mean(scores, labels != IGNORE)
-    if kind == "object":
-        return -masked_mean(scores, object_labels == 1)
-    values, targets = [logits[object_labels == 1]], [torch.ones_like(logits[object_labels == 1])]
-    if neg_logits is not None and neg_labels is not None:
-        keep = neg_labels != IGNORE
-        values.append(neg_logits[keep])
-        targets.append(neg_labels[keep].to(neg_logits.dtype))
-    z, y = torch.cat(values), torch.cat(targets)
-    defined = ~z.isnan()
-    if not bool(defined.any()):
-        return logits.nan_to_num(0.0).sum() * 0.0
-    return F.binary_cross_entropy_with_logits(z[defined], y[defined])
-
-
-def contrastive_loss(pos_scores: Tensor, object_labels: Tensor, neg_scores: Tensor, neg_labels: Tensor,
-                     neg_index: Tensor, margin: float) -> Tensor:
-    """mean over pairs of relu(margin - (mean G over positive object words - mean G over hallucinated words))."""
-    terms = []
-    for pair, row in enumerate(neg_index.tolist()):
-        pos = pos_scores[row][(object_labels[row] == 1) & ~pos_scores[row].isnan()]
-        neg = neg_scores[pair][(neg_labels[pair] == 0) & ~neg_scores[pair].isnan()]
-        if pos.numel() and neg.numel():
-            terms.append(F.relu(margin - (pos.mean() - neg.mean())))
-    if not terms:
-        return pos_scores.nan_to_num(0.0).sum() * 0.0
-    return torch.stack(terms).mean()
-
-
-def lm_loss(logits: Tensor, labels: Tensor, reduction: str, shift: bool = True) -> Tensor:
-    """Cross-entropy of (B, T, V) logits against (B, T) labels (-100 = ignored).
-
-    ``shift``: position t predicts label t + 1 (decoder-only); False for an encoder-decoder's decoder, whose
-    labels are already aligned with its logits. ``token``: mean over every target token of the batch (Hugging
-    Face's loss). ``sample``: mean over rows of each row's token mean, so a one-word answer weighs as much as a
-    long caption; rows without targets drop out.
-    """
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
-    logits = logits.float()
-    tokens = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")  # (B, T-1)
-    mask = labels != IGNORE
-    if reduction == "token":
-        return tokens.sum() / mask.sum().clamp(min=1)
-    counts = mask.sum(1)  # (B,)
-    rows = counts > 0
-    if not bool(rows.any()):
-        return tokens.sum() * 0.0
-    return (tokens.sum(1)[rows] / counts[rows]).mean()
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -155,31 +57,6 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     progress = min(1.0, (step - warmup) / (total - warmup))
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
-
-def check_backbone(backbone: str) -> None:
-    """A local path must exist; a hub id is ``name`` or ``org/name`` (resolved later by ``from_pretrained``)."""
-    path = Path(backbone).expanduser()
-    looks_local = path.is_absolute() or backbone.startswith((".", "~")) or backbone.count("/") > 1
-    if looks_local and not path.is_dir():
-        raise FileNotFoundError(
-            f"model.backbone: no such directory {path} (a hub id looks like llava-hf/llava-1.5-7b-hf; a local "
-            "directory must hold config.json and the weights from save_pretrained)"
-        )
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.backbone: {path} has no config.json (not a save_pretrained directory)")
-
-
-def check_quantization(quantization: str, lora: LoraSettings | None) -> None:
-    if quantization not in ("none", "8bit", "4bit"):
-        raise ValueError(f"model.quantization must be none, 8bit or 4bit, got {quantization!r}")
-    if quantization == "none":
-        return
-    if lora is None:
-        raise ValueError(f"model.quantization {quantization} needs model.lora: quantized weights cannot be fine-tuned")
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(f"model.quantization {quantization} needs bitsandbytes: pip install bitsandbytes")
 
 
 class GroundedVLM(LightningModule):
@@ -296,84 +173,28 @@ class GroundedVLM(LightningModule):
             self.load_model()
 
     def zero3_config(self) -> dict | None:
-        """The DeepSpeed config (with the trainer's precision) when the trainer shards parameters with ZeRO-3."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if not getattr(strategy, "zero_stage_3", False):
-            return None
-        config = copy.deepcopy(strategy.config)
-        precision = str(self._trainer.precision)
-        if precision.startswith("bf16"):
-            config["bf16"] = {"enabled": True}
-        elif precision.startswith("16"):
-            config["fp16"] = {"enabled": True}
-        return config
+        """The DeepSpeed config when the trainer shards parameters with ZeRO-3 (see ``models.loading``)."""
+        return zero3_config(self._trainer)
 
-    def load_model(self, zero3_config: dict | None = None) -> None:
-        """``from_pretrained`` + grounding + LoRA (or ``adapter``) into ``self.model``, and the tokenizer.
-
-        With ``zero3_config`` the weights are partitioned across ranks as they load (transformers' DeepSpeed
-        integration, kept active so that ``generate`` steps all ranks together), while the small new parameters
-        (gates, LoRA) are created whole and initialised normally; DeepSpeed partitions them when the engine
-        starts. This is why ZeRO-3 runs load in ``setup``: Lightning's ``configure_model`` runs inside
-        ``deepspeed.zero.Init``, where from_pretrained cannot fill partitioned weights and peft's zero-init of
-        LoRA B is a no-op.
-        """
-        from transformers import AutoModelForImageTextToText, AutoTokenizer
-
-        check_backbone(self.backbone)
-        if zero3_config is not None:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self._hf_deepspeed_config = HfDeepSpeedConfig(zero3_config)  # transformers holds only a weak reference
-        kwargs = {"attn_implementation": self.attn_implementation} if self.attn_implementation else {}
-        if self.quantization != "none":
-            from transformers import BitsAndBytesConfig
-
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_8bit=self.quantization == "8bit", load_in_4bit=self.quantization == "4bit",
-                bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=getattr(torch, self.dtype_name),
-            )
-            kwargs["device_map"] = {"": torch.device("cuda", torch.cuda.current_device())}
-        model = AutoModelForImageTextToText.from_pretrained(
-            self.backbone, dtype=getattr(torch, self.dtype_name), trust_remote_code=self.trust_remote_code, **kwargs
+    def backbone_settings(self) -> BackboneSettings:
+        return BackboneSettings(
+            backbone=self.backbone, grounding=self.grounding, lora=self.lora, adapter=self.adapter,
+            freeze_vision=self.freeze_vision, dtype=self.dtype_name, attn_implementation=self.attn_implementation,
+            quantization=self.quantization, gradient_checkpointing=self.gradient_checkpointing,
+            trust_remote_code=self.trust_remote_code,
         )
-        add_grounding(model, self.grounding)
-        if getattr(model.config, "vision_feature_layer", None) is not None:
-            # LLaVA-style models read the vision tower's hidden states, never its pooled output: post_layernorm
-            # gets no gradient, which DDP rejects ("parameters that were not used in producing the loss").
-            for name, param in model.named_parameters():
-                if "vision_tower" in name and "post_layernorm" in name:
-                    param.requires_grad_(False)
-        if self.freeze_vision:
-            for name, module in model.named_children():
-                if name in ("vision_tower", "vision_model", "qformer") or (
-                    name == "model" and hasattr(module, "vision_tower")
-                ):
-                    target = module.vision_tower if name == "model" else module
-                    target.requires_grad_(False)
-        if self.adapter is not None:
-            from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, self.adapter, is_trainable=True)
-        elif self.lora is not None:
-            from peft import LoraConfig, get_peft_model
+    def load_model(self, zero3: dict | None = None) -> None:
+        """Load the backbone (:func:`models.loading.load_backbone`) into ``self.model`` and ``self.tokenizer``.
 
-            model = get_peft_model(
-                model,
-                LoraConfig(
-                    r=self.lora.r, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
-                    target_modules=self.lora.target_modules,
-                    modules_to_save=["grounding_gate", *self.lora.modules_to_save],
-                ),
-            )
-        if self.gradient_checkpointing:
-            base = model.get_base_model() if self.peft else model
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
-        self.model = model
+        With ``zero3`` (a DeepSpeed config) the weights are partitioned across ranks as they load, and the handle
+        that keeps transformers' ZeRO-3 integration active (``generate`` steps all ranks together) is kept here.
+        """
+        if zero3 is not None:
+            self._hf_deepspeed_config = hold_zero3(zero3)
+        self.model, self.tokenizer = load_backbone(self.backbone_settings())
         self.encoder_decoder = bool(getattr(self._base().config.get_text_config(), "is_encoder_decoder", False))
-        self.strict_loading = all(p.requires_grad for p in model.parameters())  # frozen ones reload from backbone
-        self.tokenizer = AutoTokenizer.from_pretrained(self.backbone, trust_remote_code=self.trust_remote_code)
+        self.strict_loading = all(p.requires_grad for p in self.model.parameters())  # frozen ones reload from backbone
 
     def _base(self) -> torch.nn.Module:
         return self.model.get_base_model() if self.peft else self.model
@@ -381,22 +202,19 @@ class GroundedVLM(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Where some parameters are frozen keep only the trainable ones: the rest reload from ``backbone``."""
         if not self.strict_loading and "state_dict" in checkpoint:
-            trainable = self._trainable_names()
+            trainable = trainable_names(self)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Loading is not strict where checkpoints hold trainable parameters only: none of those may be missing."""
         if not self.strict_loading and "state_dict" in checkpoint:
-            trainable = self._trainable_names()
+            trainable = trainable_names(self)
             missing = sorted(trainable - set(checkpoint["state_dict"]))
             if missing:
                 raise ValueError(
                     f"the checkpoint lacks {len(missing)} of this model's {len(trainable)} trained parameters "
                     f"(e.g. {missing[:3]}): it was written by a run with other LoRA, grounding or freezing settings"
                 )
-
-    def _trainable_names(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
 
     # ----------------------------------------------------------------- training
     def _model_inputs(self, batch: dict) -> dict:
@@ -469,15 +287,7 @@ class GroundedVLM(LightningModule):
         zero3 = self.zero3_config()
         if zero3 is not None and self.model is None:
             self.load_model(zero3)
-        if self.trainer is not None and self.quantization != "none":
-            strategy = type(self.trainer.strategy).__name__
-            if "DeepSpeed" in strategy or "FSDP" in strategy:
-                raise ValueError(
-                    f"model.quantization {self.quantization} cannot be combined with {strategy}: quantized weights "
-                    "are not sharded; use trainer.strategy ddp (LoRA adapters are small) or quantization none"
-                )
-            if self.trainer.accelerator.__class__.__name__ != "CUDAAccelerator":
-                raise ValueError(f"model.quantization {self.quantization} needs trainer.accelerator gpu (bitsandbytes)")
+        check_quantized_trainer(self.quantization, self._trainer)
 
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         if datamodule is None or not hasattr(datamodule, "chair_ground_truth"):
@@ -604,94 +414,3 @@ class GroundedVLM(LightningModule):
                 save_grounding(self._base(), run_dir / "grounding")
             if self.peft:  # adapters + modules_to_save (grounding gates, projector)
                 self.model.save_pretrained(run_dir / "adapter")
-
-
-def gathered(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
-    """Full values of ZeRO-3-partitioned ``params`` inside the context (on every rank); a no-op otherwise."""
-    if not any(hasattr(p, "ds_id") for p in params):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-def _naming_rate(rows: list[dict], name: str) -> float:
-    """Share of captions that mention ``name`` (NaN without captions)."""
-    return sum(name in d["mentioned_objects"] for d in rows) / len(rows) if rows else float("nan")
-
-
-def probe_rates(details: list[dict], ground_truth: dict, probes: list[tuple[str, str]]) -> dict[str, dict]:
-    """How often a caption names the companion where it is absent: with the anchor present, and elsewhere."""
-    out = {}
-    for anchor, companion in probes:
-        with_anchor = [d for d in details if anchor in ground_truth[d["image_id"]] and companion not in ground_truth[d["image_id"]]]
-        elsewhere = [d for d in details if anchor not in ground_truth[d["image_id"]] and companion not in ground_truth[d["image_id"]]]
-        present = [d for d in details if companion in ground_truth[d["image_id"]]]
-
-        out[f"{anchor}->{companion}"] = {
-            "rate_absent_with_anchor": _naming_rate(with_anchor, companion),
-            "n_absent_with_anchor": len(with_anchor),
-            "rate_absent_elsewhere": _naming_rate(elsewhere, companion),
-            "n_absent_elsewhere": len(elsewhere),
-            "recall_when_present": _naming_rate(present, companion),
-            "n_present": len(present),
-        }
-    return out
-
-
-def write_report(report: dict, run_dir: Path) -> None:
-    """``report.json`` and a readable ``report.md`` (hallucinated objects marked) in ``run_dir``."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (run_dir / "report.md").write_text(report_markdown(report))
-
-
-def _pct(x: float) -> str:
-    return "n/a" if x != x else f"{100 * x:.1f}"
-
-
-def _mean_pope(pope: dict[str, dict[str, float]], key: str) -> float:
-    values = [m[key] for m in pope.values() if key in m]
-    return sum(values) / len(values) if values else float("nan")
-
-
-def report_markdown(report: dict) -> str:
-    chair, pope = report["chair"], report["pope"]
-    label = "POPE" if len(pope) <= 1 else f"POPE mean of {len(pope)}:"
-    lines = [
-        f"# {'Test' if report.get('stage') == 'test' else 'Validation'} report (epoch {report['epoch']}, step {report['step']})",
-        "",
-        f"Backbone `{report['settings']['backbone']}`, grounding "
-        f"{'on' if report['settings']['grounding']['enabled'] else 'off'}.",
-        "",
-        f"| CHAIRs | CHAIRi | Recall | {label} acc | POPE F1 | POPE yes-ratio |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| {_pct(chair['CHAIRs'])} | {_pct(chair['CHAIRi'])} | {_pct(chair['Recall'])} | "
-        f"{_pct(_mean_pope(pope, 'accuracy'))} | {_pct(_mean_pope(pope, 'f1'))} | {_pct(_mean_pope(pope, 'yes_ratio'))} |",
-        "",
-    ]
-    if len(pope) > 1:
-        lines += ["| POPE set | accuracy | precision | recall | F1 | yes-ratio |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {name} | {_pct(m['accuracy'])} | {_pct(m['precision'])} | {_pct(m['recall'])} | {_pct(m['f1'])} | "
-                  f"{_pct(m['yes_ratio'])} |" for name, m in pope.items()]
-        lines.append("")
-    if report["probes"]:
-        lines += [
-            "Biased companion named where absent (%):",
-            "",
-            "| anchor -> companion | with anchor | elsewhere | named when present |",
-            "| --- | ---: | ---: | ---: |",
-        ]
-        for name, p in report["probes"].items():
-            lines.append(
-                f"| {name} | {_pct(p['rate_absent_with_anchor'])} (n={p['n_absent_with_anchor']}) | "
-                f"{_pct(p['rate_absent_elsewhere'])} (n={p['n_absent_elsewhere']}) | "
-                f"{_pct(p['recall_when_present'])} (n={p['n_present']}) |"
-            )
-        lines.append("")
-    if report["examples"]:
-        lines += ["Examples (hallucinated objects in **bold**):", ""]
-        for e in report["examples"]:
-            hallucinated = ", ".join(f"**{o}**" for o in e["hallucinated_objects"]) or "none"
-            lines.append(f"- image {e['image_id']}: \"{e['caption']}\" (gt: {', '.join(e['gt_objects'])}; hallucinated: {hallucinated})")
-    return "\n".join(lines) + "\n"

@@ -37,30 +37,49 @@ PATCH = 8
 NUM_QUERY_TOKENS = 8
 
 
-def llama_config(hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2, vocab: int = VOCAB) -> LlamaConfig:
+def llama_config(hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2, vocab: int = VOCAB,
+                 intermediate: int | None = None, max_positions: int = 512, **extra) -> LlamaConfig:
+    """A Llama text config; ``intermediate`` defaults to 2 x ``hidden``; ``extra`` overrides any other field."""
+    ids = {"pad_token_id": PAD_TOKEN_ID, "bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID}
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=512,
-        pad_token_id=PAD_TOKEN_ID,
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
+        max_position_embeddings=max_positions,
+        **{**ids, **extra},
     )
 
 
-def clip_vision_config(hidden: int = 32, layers: int = 2, image_size: int = IMAGE_SIZE, patch: int = PATCH) -> CLIPVisionConfig:
+def clip_vision_config(hidden: int = 32, layers: int = 2, image_size: int = IMAGE_SIZE, patch: int = PATCH,
+                       heads: int = 4, intermediate: int | None = None, projection_dim: int | None = None) -> CLIPVisionConfig:
+    """A CLIP vision tower config; ``intermediate`` defaults to 2 x ``hidden``, ``projection_dim`` to ``hidden``."""
     return CLIPVisionConfig(
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
+        num_attention_heads=heads,
         image_size=image_size,
         patch_size=patch,
-        projection_dim=hidden,
+        projection_dim=projection_dim or hidden,
+    )
+
+
+def llava_config(vision: CLIPVisionConfig, text: LlamaConfig, image_token_id: int = IMAGE_TOKEN_ID,
+                 vision_feature_layer: int = -1, **extra) -> LlavaConfig:
+    """LLaVA-1.5's wiring of a CLIP tower and a Llama: the one LLaVA config builder of the suite (tiny models,
+    the demo backbone, the benchmarks' 7B/13B shapes). One image takes (image_size / patch)^2 prompt tokens
+    (the ``default`` feature strategy drops CLIP's class token)."""
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default",
+        **extra,
     )
 
 
@@ -119,15 +138,7 @@ def t5_config(hidden: int = 64, layers: int = 2) -> T5Config:
 
 
 def tiny_llava(**text_kwargs) -> LlavaForConditionalGeneration:
-    config = LlavaConfig(
-        vision_config=clip_vision_config(),
-        text_config=llama_config(**text_kwargs),
-        image_token_index=IMAGE_TOKEN_ID,
-        image_seq_length=(IMAGE_SIZE // PATCH) ** 2,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
-    return LlavaForConditionalGeneration(config)
+    return LlavaForConditionalGeneration(llava_config(clip_vision_config(), llama_config(**text_kwargs)))
 
 
 def tiny_llava_next() -> LlavaNextForConditionalGeneration:

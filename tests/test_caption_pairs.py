@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from datamodules import CaptionPairsDataModule, WorldConfig
-from datamodules.caption_pairs import IGNORE
+from datamodules.labels import IGNORE
 from models.demo_backbone import TinyLlavaConfig
 
 
@@ -219,7 +219,7 @@ def test_val_image_ids_and_question_files(prepared: dict, tmp_path: Path) -> Non
 
 
 def test_report_has_one_pope_row_per_question_set() -> None:
-    from models.module import report_markdown
+    from models.report import report_markdown
 
     pope = {"random": {"accuracy": 0.9, "precision": 0.8, "recall": 1.0, "f1": 0.88, "yes_ratio": 0.6},
             "adversarial": {"accuracy": 0.7, "precision": 0.6, "recall": 1.0, "f1": 0.75, "yes_ratio": 0.8}}

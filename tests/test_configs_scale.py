@@ -87,7 +87,7 @@ def test_cluster_config_instantiates_with_a_tiny_substitute(config: str, tmp_pat
 
 
 def test_chair_id_list_matches_the_published_llava_logs() -> None:
-    from datamodules.caption_pairs import read_image_ids
+    from datamodules.readers import read_image_ids
 
     ids = read_image_ids(REPO / "configs" / "chair_val2014_500.txt")
     log = REPO.parent / "shared" / "reference" / "opera_chair" / "llava-1.5_greedy.jsonl"
@@ -114,7 +114,7 @@ def test_strategy_file_builds_a_deepspeed_strategy(strategy: Path, tmp_path: Pat
 
 def test_quantization_and_missing_backbone_fail_before_any_weights_load(tmp_path: Path) -> None:
     from models import GroundingConfig, LoraSettings
-    from models.module import check_backbone
+    from models.loading import check_backbone
 
     grounded = {"backbone": "llava-hf/llava-1.5-7b-hf", "grounding": GroundingConfig(layers=[-1])}
     with pytest.raises(ValueError, match="model.quantization 4bit needs model.lora"):

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from datamodules import CaptionPairsDataModule, WorldConfig
-from datamodules.caption_pairs import IGNORE, Collator, decoder_start_token_id
+from datamodules.collate import Collator, decoder_start_token_id
+from datamodules.labels import IGNORE
 from models import GroundedVLM, GroundingConfig
 from models.grounding import GroundingRecorder
-from models.module import lm_loss
+from models.objective import lm_loss
 from models.tiny import write_tiny_backbone
 
 

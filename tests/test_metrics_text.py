@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from metrics.coco_objects import COCO_CATEGORIES, ObjectParser
-from metrics.text import singularize, singularize_lemma, word_tokenize
+from metrics.english import singularize_lemma
+from metrics.text import singularize, word_tokenize
 
 
 @pytest.mark.parametrize(

@@ -10,20 +10,11 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
-from datamodules.negatives import (
-    ALL_KINDS,
-    COCO_CATEGORIES,
-    Mention,
-    Negative,
-    char_labels,
-    find_object_mentions,
-    make_negative,
-    negative_label_spans,
-    pluralize,
-    positive_label_spans,
-    token_labels,
-)
-from metrics.coco_objects import get_parser
+from datamodules.labels import char_labels, token_labels
+from datamodules.mentions import Mention, find_object_mentions
+from datamodules.negatives import ALL_KINDS, Negative, make_negative, negative_label_spans, positive_label_spans
+from metrics.coco_objects import COCO_CATEGORIES, get_parser
+from metrics.english import pluralize
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "opera_chair"
 NUMBER_WORDS = ["a", "two", "three", "four", "five"]

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from models.module import (
-    IGNORE, ObjectiveConfig, contrastive_loss, grounding_loss, lm_loss, lr_factor, masked_mean, probe_rates,
-)
+from models.module import lr_factor
+from models.objective import IGNORE, ObjectiveConfig, contrastive_loss, grounding_loss, lm_loss, masked_mean
+from models.report import probe_rates
 
 NAN = float("nan")
 

@@ -1,0 +1,116 @@
+"""The training objective: ``L = L_LM(positive) + lambda_grounding * L_grounding + lambda_contrastive * L_contrastive``.
+
+DESIGN.md section 4. Negative captions feed only the grounding and contrastive terms; the LM loss is computed on
+positive captions. Scores and gate logits come from :class:`models.grounding.GroundingRecorder` (NaN where a
+token has no score), labels from the collator (:mod:`datamodules.collate`; ``IGNORE`` = -100 outside targets).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from datamodules.labels import IGNORE
+from models.grounding import GroundingRecorder
+
+__all__ = ["IGNORE", "ObjectiveConfig", "contrastive_loss", "grounding_loss", "lm_loss", "masked_mean", "nanmean_layers"]
+
+
+@dataclass
+class ObjectiveConfig:
+    """Weights and kinds of the grounding terms.
+
+    Args:
+        lambda_grounding: weight of ``L_grounding``.
+        lambda_contrastive: weight of ``L_contrastive``.
+        grounding_loss: ``direct`` (-mean G over caption tokens), ``object`` (-mean G over object words) or
+            ``bce`` (BCE of the gate against labels: 1 on grounded object words, 0 on hallucinated ones).
+        margin: of ``relu(margin - (mean_obj G(pos) - mean_obj G(neg)))``.
+    """
+
+    lambda_grounding: float = 0.1
+    lambda_contrastive: float = 0.1
+    grounding_loss: Literal["direct", "object", "bce"] = "bce"
+    margin: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.grounding_loss not in ("direct", "object", "bce"):
+            raise ValueError(f"ObjectiveConfig.grounding_loss must be direct, object or bce, got {self.grounding_loss!r}")
+        for name in ("lambda_grounding", "lambda_contrastive", "margin"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+
+def nanmean_layers(recorder: GroundingRecorder, logits: bool = False) -> Tensor:
+    """(B, T) mean over grounded layers of the recorded scores (or gate logits) of one forward."""
+    read = recorder.forward_logits if logits else recorder.forward_scores
+    return torch.stack([read(layer) for layer in recorder.layers]).mean(0)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` (and values defined); 0 with a zero gradient if none."""
+    mask = mask & ~values.isnan()
+    if not bool(mask.any()):
+        return values.nan_to_num(0.0).sum() * 0.0
+    return values[mask].mean()
+
+
+def grounding_loss(kind: str, scores: Tensor, logits: Tensor, labels: Tensor, object_labels: Tensor,
+                   neg_logits: Tensor | None, neg_labels: Tensor | None) -> Tensor:
+    """L_grounding of a batch: scores/logits (B, T) of the positive pass, labels -100 outside the caption."""
+    if kind == "direct":
+        return -masked_mean(scores, labels != IGNORE)
+    if kind == "object":
+        return -masked_mean(scores, object_labels == 1)
+    values, targets = [logits[object_labels == 1]], [torch.ones_like(logits[object_labels == 1])]
+    if neg_logits is not None and neg_labels is not None:
+        keep = neg_labels != IGNORE
+        values.append(neg_logits[keep])
+        targets.append(neg_labels[keep].to(neg_logits.dtype))
+    z, y = torch.cat(values), torch.cat(targets)
+    defined = ~z.isnan()
+    if not bool(defined.any()):
+        return logits.nan_to_num(0.0).sum() * 0.0
+    return F.binary_cross_entropy_with_logits(z[defined], y[defined])
+
+
+def contrastive_loss(pos_scores: Tensor, object_labels: Tensor, neg_scores: Tensor, neg_labels: Tensor,
+                     neg_index: Tensor, margin: float) -> Tensor:
+    """mean over pairs of relu(margin - (mean G over positive object words - mean G over hallucinated words))."""
+    terms = []
+    for pair, row in enumerate(neg_index.tolist()):
+        pos = pos_scores[row][(object_labels[row] == 1) & ~pos_scores[row].isnan()]
+        neg = neg_scores[pair][(neg_labels[pair] == 0) & ~neg_scores[pair].isnan()]
+        if pos.numel() and neg.numel():
+            terms.append(F.relu(margin - (pos.mean() - neg.mean())))
+    if not terms:
+        return pos_scores.nan_to_num(0.0).sum() * 0.0
+    return torch.stack(terms).mean()
+
+
+def lm_loss(logits: Tensor, labels: Tensor, reduction: str, shift: bool = True) -> Tensor:
+    """Cross-entropy of (B, T, V) logits against (B, T) labels (-100 = ignored).
+
+    ``shift``: position t predicts label t + 1 (decoder-only); False for an encoder-decoder's decoder, whose
+    labels are already aligned with its logits. ``token``: mean over every target token of the batch (Hugging
+    Face's loss). ``sample``: mean over rows of each row's token mean, so a one-word answer weighs as much as a
+    long caption; rows without targets drop out.
+    """
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    logits = logits.float()
+    tokens = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")  # (B, T-1)
+    mask = labels != IGNORE
+    if reduction == "token":
+        return tokens.sum() / mask.sum().clamp(min=1)
+    counts = mask.sum(1)  # (B,)
+    rows = counts > 0
+    if not bool(rows.any()):
+        return tokens.sum() * 0.0
+    return (tokens.sum(1)[rows] / counts[rows]).mean()
+

@@ -1,0 +1,90 @@
+"""The validation report: companion-hallucination probe rates, ``report.json`` and a readable ``report.md``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["probe_rates", "report_markdown", "write_report"]
+
+
+def _naming_rate(rows: list[dict], name: str) -> float:
+    """Share of captions that mention ``name`` (NaN without captions)."""
+    return sum(name in d["mentioned_objects"] for d in rows) / len(rows) if rows else float("nan")
+
+
+def probe_rates(details: list[dict], ground_truth: dict, probes: list[tuple[str, str]]) -> dict[str, dict]:
+    """How often a caption names the companion where it is absent: with the anchor present, and elsewhere."""
+    out = {}
+    for anchor, companion in probes:
+        with_anchor = [d for d in details if anchor in ground_truth[d["image_id"]] and companion not in ground_truth[d["image_id"]]]
+        elsewhere = [d for d in details if anchor not in ground_truth[d["image_id"]] and companion not in ground_truth[d["image_id"]]]
+        present = [d for d in details if companion in ground_truth[d["image_id"]]]
+
+        out[f"{anchor}->{companion}"] = {
+            "rate_absent_with_anchor": _naming_rate(with_anchor, companion),
+            "n_absent_with_anchor": len(with_anchor),
+            "rate_absent_elsewhere": _naming_rate(elsewhere, companion),
+            "n_absent_elsewhere": len(elsewhere),
+            "recall_when_present": _naming_rate(present, companion),
+            "n_present": len(present),
+        }
+    return out
+
+
+def write_report(report: dict, run_dir: Path) -> None:
+    """``report.json`` and a readable ``report.md`` (hallucinated objects marked) in ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (run_dir / "report.md").write_text(report_markdown(report))
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x != x else f"{100 * x:.1f}"
+
+
+def _mean_pope(pope: dict[str, dict[str, float]], key: str) -> float:
+    values = [m[key] for m in pope.values() if key in m]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def report_markdown(report: dict) -> str:
+    chair, pope = report["chair"], report["pope"]
+    label = "POPE" if len(pope) <= 1 else f"POPE mean of {len(pope)}:"
+    lines = [
+        f"# {'Test' if report.get('stage') == 'test' else 'Validation'} report (epoch {report['epoch']}, step {report['step']})",
+        "",
+        f"Backbone `{report['settings']['backbone']}`, grounding "
+        f"{'on' if report['settings']['grounding']['enabled'] else 'off'}.",
+        "",
+        f"| CHAIRs | CHAIRi | Recall | {label} acc | POPE F1 | POPE yes-ratio |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| {_pct(chair['CHAIRs'])} | {_pct(chair['CHAIRi'])} | {_pct(chair['Recall'])} | "
+        f"{_pct(_mean_pope(pope, 'accuracy'))} | {_pct(_mean_pope(pope, 'f1'))} | {_pct(_mean_pope(pope, 'yes_ratio'))} |",
+        "",
+    ]
+    if len(pope) > 1:
+        lines += ["| POPE set | accuracy | precision | recall | F1 | yes-ratio |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {name} | {_pct(m['accuracy'])} | {_pct(m['precision'])} | {_pct(m['recall'])} | {_pct(m['f1'])} | "
+                  f"{_pct(m['yes_ratio'])} |" for name, m in pope.items()]
+        lines.append("")
+    if report["probes"]:
+        lines += [
+            "Biased companion named where absent (%):",
+            "",
+            "| anchor -> companion | with anchor | elsewhere | named when present |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for name, p in report["probes"].items():
+            lines.append(
+                f"| {name} | {_pct(p['rate_absent_with_anchor'])} (n={p['n_absent_with_anchor']}) | "
+                f"{_pct(p['rate_absent_elsewhere'])} (n={p['n_absent_elsewhere']}) | "
+                f"{_pct(p['recall_when_present'])} (n={p['n_present']}) |"
+            )
+        lines.append("")
+    if report["examples"]:
+        lines += ["Examples (hallucinated objects in **bold**):", ""]
+        for e in report["examples"]:
+            hallucinated = ", ".join(f"**{o}**" for o in e["hallucinated_objects"]) or "none"
+            lines.append(f"- image {e['image_id']}: \"{e['caption']}\" (gt: {', '.join(e['gt_objects'])}; hallucinated: {hallucinated})")
+    return "\n".join(lines) + "\n"
