@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForImageTextToText
 
 from datamodules import CaptionPairsDataModule, WorldConfig
+from datamodules.evaluation import EvaluationSpec
 from models import GroundedVLM, GroundingConfig, ObjectiveConfig
 from models.demo_backbone import TinyLlavaConfig
 
@@ -55,11 +56,8 @@ class Batches(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.batches, batch_size=None, collate_fn=_identity)
 
-    def chair_ground_truth(self) -> dict:
-        return {}
-
-    def hallucination_probes(self) -> list:
-        return []
+    def evaluation(self, stage: str, chair_mode: str = "reference") -> EvaluationSpec:
+        return EvaluationSpec(ground_truth={})  # the benchmark trains only: nothing is evaluated
 
 
 def collated(root: Path, batch_size: int, count: int, backbone: TinyLlavaConfig) -> tuple[CaptionPairsDataModule, list[dict]]:

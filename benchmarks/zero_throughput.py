@@ -30,6 +30,7 @@ from lightning.pytorch import Callback, LightningDataModule, Trainer
 from torch.utils.data import DataLoader
 from transformers import LlavaForConditionalGeneration
 
+from datamodules.evaluation import EvaluationSpec
 from models import GroundedVLM, GroundingConfig, LoraSettings, ObjectiveConfig
 from models.demo_backbone import train_tokenizer
 from models.tiny import clip_vision_config, llama_config, llava_config
@@ -107,14 +108,8 @@ class Batches(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.batches, batch_size=None, collate_fn=lambda b: b)
 
-    def chair_ground_truth(self) -> dict:
-        return {}
-
-    def question_sets(self, stage: str = "val") -> list[str]:
-        return []
-
-    def hallucination_probes(self) -> list:
-        return []
+    def evaluation(self, stage: str, chair_mode: str = "reference") -> EvaluationSpec:
+        return EvaluationSpec(ground_truth={})  # the benchmark trains only: nothing is evaluated
 
 
 class StepTimer(Callback):

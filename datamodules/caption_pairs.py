@@ -23,6 +23,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.collate import Collator, decoder_start_token_id
+from datamodules.evaluation import ChairMode, EvaluationSpec, evaluation_loaders
 from datamodules.loaders import ResumableLoader, ResumableSampler, RowDataset
 from datamodules.negatives import ALL_KINDS
 from datamodules.readers import (
@@ -319,32 +320,34 @@ class CaptionPairsDataModule(LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
-        """0: captioning prompts (CHAIR); 1..k: the question sets in ``question_sets()`` order (POPE)."""
-        return [self._generation_loader(rows) for rows in [self.val_captions, *self.val_questions.values()]]
+        """0: captioning prompts (CHAIR); 1..k: the question sets (POPE), in the order of ``evaluation``."""
+        return [self._generation_loader(rows) for rows in evaluation_loaders(*self._stage_rows("validate"))]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [self._generation_loader(rows) for rows in [self.test_captions, *self.test_questions.values()]]
-
-    def question_sets(self, stage: str = "val") -> list[str]:
-        """Names of the evaluation question sets, in loader order (loader i + 1 = set i)."""
-        loaded = self.test_questions if stage == "test" else self.val_questions
-        if loaded or self.val_question_files:
-            return list(loaded) or [question_set_name(f) for f in self.val_question_files]
-        split = self.test_split if stage == "test" else self.val_split
-        return ["pope"] if self.coco_dir is not None and questions_file(self.coco_dir, split).is_file() else []
+        return [self._generation_loader(rows) for rows in evaluation_loaders(*self._stage_rows("test"))]
 
     def predict_dataloader(self) -> DataLoader:
         """Captioning prompts of the test split: ``predict`` writes their captions."""
-        return self._generation_loader(self.test_captions)
+        return self._generation_loader(self._stage_rows("predict")[0])
 
-    # ----------------------------------------------------------------- what validation needs
-    def chair_ground_truth(self) -> dict:
+    # ----------------------------------------------------------------- the evaluation contract (GroundedVLM)
+    def evaluation(self, stage: str, chair_mode: ChairMode = "reference") -> EvaluationSpec:
+        """CHAIR ground truth (parsed in ``chair_mode``), question sets in loader order, the world's bias probes."""
         from metrics import build_coco_ground_truth
 
-        return build_coco_ground_truth(self.coco_dir, cache_dir=self.cache_dir or self.coco_dir / ".cache")
+        if self.coco_dir is None:
+            raise ValueError("evaluation needs data.coco_dir (COCO-format annotations of the evaluation split)")
+        _, questions = self._stage_rows(stage)
+        ground_truth = build_coco_ground_truth(self.coco_dir, mode=chair_mode, cache_dir=self.cache_dir or self.coco_dir / ".cache")
+        probes = tuple((anchor, companion) for anchor, companion, _ in self.world.bias) if self.world is not None else ()
+        return EvaluationSpec(ground_truth=ground_truth, question_sets=tuple(questions), probes=probes)
 
-    def hallucination_probes(self) -> list[tuple[str, str]]:
-        """(anchor, companion) pairs whose companion hallucination the report tracks (the world's bias)."""
-        if self.world is None:
-            return []
-        return [(anchor, companion) for anchor, companion, _ in self.world.bias]
+    def _stage_rows(self, stage: str) -> tuple[list[dict], dict[str, list[dict]]]:
+        """(captioning rows, question rows by set name) that ``stage`` evaluates, loaded on first use."""
+        test = stage in ("test", "predict")
+        if not (self.test_captions if test else self.val_captions):
+            if test:
+                self.test_captions, self.test_questions = self._eval_rows(self.test_split)
+            else:
+                self.val_captions, self.val_questions = self._eval_rows(self.val_split)
+        return (self.test_captions, self.test_questions) if test else (self.val_captions, self.val_questions)

@@ -1,4 +1,7 @@
-"""LightningCLI for fit/validate/test/predict that prints the run's validation report at the end."""
+"""LightningCLI for fit/validate/test/predict that prints the run's validation report at the end.
+
+``data.init_args.processor`` follows ``model.init_args.backbone``: a config names the backbone once.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import Any
 
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_app.preemption import RequeueOnSignal
 
@@ -18,6 +21,9 @@ class SuiteCLI(LightningCLI):
     Under SLURM with auto-requeue (Lightning's default there) it adds :class:`RequeueOnSignal`, which saves
     the requeue checkpoint at a step boundary instead of inside the signal handler.
     """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.init_args.backbone", "data.init_args.processor")  # one directory, named once
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

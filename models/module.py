@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from datamodules.evaluation import EvaluationSource, EvaluationSpec
 from models.backbones import save_grounding
 from models.grounding import GroundingConfig, GroundingRecorder
 from models.loading import (
@@ -289,15 +290,26 @@ class GroundedVLM(LightningModule):
             self.load_model(zero3)
         check_quantized_trainer(self.quantization, self._trainer)
 
-        datamodule = self.trainer.datamodule if self.trainer is not None else None
-        if datamodule is None or not hasattr(datamodule, "chair_ground_truth"):
-            raise ValueError("GroundedVLM validation needs a datamodule with chair_ground_truth()")
         if stage in ("fit", "validate", "test"):
-            self.chair = CHAIR(datamodule.chair_ground_truth(), mode=self.chair_mode, return_details=True)
-            sets = datamodule.question_sets("test" if stage == "test" else "val") if hasattr(datamodule, "question_sets") else []
-            self.pope = torch.nn.ModuleDict({name: POPE() for name in sets})  # question loader i + 1 = set i
-            self.probes = datamodule.hallucination_probes()
+            spec = self._evaluation_spec(stage)
+            self.chair = CHAIR(spec.ground_truth, mode=self.chair_mode, return_details=True)
+            self.evaluation_spec = spec
+            self.pope = torch.nn.ModuleDict({name: POPE() for name in spec.question_sets})
+            self.probes = list(spec.probes)
         self._predictions: list[dict] = []
+
+    def _evaluation_spec(self, stage: str) -> EvaluationSpec:
+        """What the datamodule's evaluation loaders are scored against (``datamodules.evaluation``)."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if not isinstance(datamodule, EvaluationSource):
+            raise TypeError(
+                f"GroundedVLM validates with a datamodule that has evaluation(stage, chair_mode) -> EvaluationSpec "
+                f"(datamodules.evaluation), got {type(datamodule).__name__}"
+            )
+        spec = datamodule.evaluation(stage, self.chair_mode)
+        if not isinstance(spec, EvaluationSpec):
+            raise TypeError(f"{type(datamodule).__name__}.evaluation returned {type(spec).__name__}, not EvaluationSpec")
+        return spec
 
     def _generate(self, batch: dict, max_new_tokens: int) -> list[str]:
         inputs = self._model_inputs(batch)
@@ -310,14 +322,15 @@ class GroundedVLM(LightningModule):
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=True)]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if dataloader_idx == 0:
+        question_set = self.evaluation_spec.question_set(dataloader_idx)
+        if question_set is None:
             captions = self._generate(batch, self.generation.caption_max_new_tokens)
             self.chair.update(captions, batch["image_ids"])
             room = self.report_examples - len(self._examples)
             self._examples += [{"image_id": i, "caption": c} for i, c in zip(batch["image_ids"], captions)][:max(room, 0)]
         else:
             answers = self._generate(batch, self.generation.answer_max_new_tokens)
-            list(self.pope.values())[dataloader_idx - 1].update(answers, batch["targets"])
+            self.pope[question_set].update(answers, batch["targets"])
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx)

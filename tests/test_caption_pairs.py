@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from datamodules import CaptionPairsDataModule, WorldConfig
+from datamodules.evaluation import EvaluationSource
 from datamodules.labels import IGNORE
+from metrics.chair_gt import load_ground_truth
 from models.demo_backbone import TinyLlavaConfig
 
 
@@ -194,7 +196,7 @@ def test_negative_fraction_keeps_a_share_of_the_negatives(prepared: dict, tmp_pa
 
 def test_val_image_ids_and_question_files(prepared: dict, tmp_path: Path) -> None:
     world = prepared["root"] / "world"
-    val_ids = sorted(prepared["dm"].chair_ground_truth())[-8:]  # the val split's ids (train ids come first)
+    val_ids = sorted(prepared["dm"].evaluation("validate").ground_truth)[-8:]  # the val split's ids (train ids first)
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text(f"# a fixed list\n{val_ids[5]}\n{val_ids[2]}\n")
     questions = [json.loads(line) for line in (world / "annotations" / "questions_val.jsonl").read_text().splitlines()]
@@ -205,7 +207,7 @@ def test_val_image_ids_and_question_files(prepared: dict, tmp_path: Path) -> Non
     dm.setup("validate")
     assert [r["image_id"] for r in dm.val_captions] == [val_ids[5], val_ids[2]]  # the file's order
     assert {r["prompt"] for r in dm.val_captions} == {"<image>\nDescribe it in detail."}
-    assert dm.question_sets() == ["random", "adversarial"]
+    assert dm.evaluation("validate").question_sets == ("random", "adversarial")
     assert [len(rows) for rows in dm.val_questions.values()] == [6, 4]
     assert len(dm.val_dataloader()) == 3
     ids_file.write_text(f"{val_ids[0]}\n12x\n")
@@ -229,3 +231,23 @@ def test_report_has_one_pope_row_per_question_set() -> None:
     assert "| 50.0 | 10.0 | 90.0 | 80.0 | 81.5 | 70.0 |" in text  # POPE columns: the mean of the 2 sets
     assert "| random | 90.0 | 80.0 | 100.0 | 88.0 | 60.0 |" in text
     assert "| adversarial | 70.0 | 60.0 | 100.0 | 75.0 | 80.0 |" in text
+
+
+def test_evaluation_ground_truth_is_parsed_in_the_chair_mode_asked_for(prepared: dict, tmp_path: Path) -> None:
+    """``chair_mode: lemma`` reaches the ground-truth parser: each mode's spec equals ``score chair``'s ground truth."""
+    world = _copy_world(prepared, tmp_path)
+    captions_file = world / "annotations" / "captions_val.json"
+    captions = json.loads(captions_file.read_text())
+    image_id = captions["annotations"][0]["image_id"]
+    captions["annotations"].append({"id": 10**6, "image_id": image_id, "caption": "A bus parked by the road."})
+    captions_file.write_text(json.dumps(captions))
+    dm = _dm(prepared, world, cache_dir=str(tmp_path / "cache"))
+    assert isinstance(dm, EvaluationSource)
+    dm.setup("validate")
+    reference, lemma = dm.evaluation("validate", "reference"), dm.evaluation("validate", chair_mode="lemma")
+    assert "bus" in lemma.ground_truth[image_id] and "bus" not in reference.ground_truth[image_id]  # "bu" there
+    for mode, spec in (("reference", reference), ("lemma", lemma)):
+        assert spec.ground_truth == load_ground_truth(coco_dir=world, mode=mode, use_cache=False)
+    assert lemma.question_sets == ("pope",) and lemma.question_set(0) is None and lemma.question_set(1) == "pope"
+    assert lemma.probes == ()  # a plain COCO folder has no bias rules; the world's datamodule has them
+    assert prepared["dm"].evaluation("validate").probes == (("fork", "knife"),)

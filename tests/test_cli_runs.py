@@ -22,7 +22,6 @@ def _small(tmp: Path, name: str, steps: int = 10, every: int = 4) -> list[str]:
         "--data.init_args.world.root", str(tmp / "world"),
         "--data.init_args.world.num_train", "48",
         "--data.init_args.world.num_val", "10",
-        "--data.init_args.processor", str(tmp / "backbone"),
         "--data.init_args.batch_size", "8",
         "--data.init_args.val_batch_size", "16",
         "--data.init_args.max_val_questions", "24",
@@ -149,3 +148,28 @@ def test_lora_run_saves_small_checkpoints_and_validates_from_either(tmp_path: Pa
     assert any(("lora_B" in k) and ckpt["state_dict"][k].abs().sum() > 0 for k in keys)  # the adapters did train
     for key in keys:  # the adapter directory holds exactly the checkpoint's trained tensors
         assert torch.equal(state[key], ckpt["state_dict"][key]), key
+
+
+def test_in_training_chair_lemma_equals_score_chair_lemma(tmp_path: Path) -> None:
+    """``model.chair_mode: lemma`` scores validation captions exactly as ``score chair --mode lemma`` scores them."""
+    from datamodules.world import WorldConfig, generate_world
+
+    world = generate_world(WorldConfig(root=tmp_path / "world", num_train=48, num_val=10), progress=False)
+    captions_file = world / "annotations" / "captions_val.json"
+    captions = json.loads(captions_file.read_text())  # a human caption whose object only lemma mode reads
+    captions["annotations"].append({"id": 10**6, "image_id": captions["images"][0]["id"], "caption": "A bus."})
+    captions_file.write_text(json.dumps(captions))
+    args = ["--config", "configs/demo.yaml", *_small(tmp_path, "lemma"), "--model.init_args.chair_mode", "lemma"]
+    _run(["validate", *args])
+    in_training = _report(tmp_path, "lemma")["chair"]
+    _run(["predict", *args])
+    predictions = sorted((tmp_path / "runs" / "lemma").glob("version_*/predictions.jsonl"))[-1]
+    scored = {}
+    for mode in ("lemma", "reference"):
+        out = tmp_path / f"chair_{mode}.json"
+        _run(["score", "chair", "--captions", str(predictions), "--coco-dir", str(world / "annotations"),
+              "--mode", mode, "--no-cache", "--output", str(out)])
+        scored[mode] = json.loads(out.read_text())["metrics"]
+    assert {k: in_training[k] for k in ("CHAIRs", "CHAIRi", "Recall")} == {
+        k: scored["lemma"][k] for k in ("CHAIRs", "CHAIRi", "Recall")}
+    assert scored["lemma"]["Recall"] != scored["reference"]["Recall"]  # the modes' ground truths differ

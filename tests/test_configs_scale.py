@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from datamodules.readers import question_set_name
 from lightning_app.suite_cli import SuiteCLI
 from models import GroundedVLM
 from models.tiny import write_tiny_backbone
@@ -73,7 +74,7 @@ def test_cluster_config_instantiates_with_a_tiny_substitute(config: str, tmp_pat
     assert isinstance(module, GroundedVLM) and module.lora is not None and module.gradient_checkpointing
     assert module.grounding.enabled and module.grounding.layers == [-8, -7, -6, -5, -4, -3, -2, -1]
     assert cli.trainer.accumulate_grad_batches == (2 if config == "llava13b.yaml" else 1)
-    assert cli.datamodule.question_sets() == ["random", "popular", "adversarial"]
+    assert [question_set_name(f) for f in cli.datamodule.val_question_files] == ["random", "popular", "adversarial"]
     assert cli.datamodule.val_image_ids is not None and cli.datamodule.val_image_ids.is_file()
     module.configure_model()
     names = [n for n, _ in module.model.named_modules()]
@@ -157,7 +158,7 @@ def test_cluster_config_trains_and_validates_with_a_tiny_substitute(config: str,
     monkeypatch.setattr("sys.argv", ["lightning_app"])  # LightningCLI reads args=, not pytest's argv
     args = [
         "fit", "--config", str(REPO / "configs" / config),
-        "--model.init_args.backbone", str(tiny), "--data.init_args.processor", str(tiny),
+        "--model.init_args.backbone", str(tiny),
         "--model.init_args.dtype", "float32", "--model.init_args.generation.caption_max_new_tokens", "6",
         "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
         "--trainer.precision", "32-true", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",

@@ -80,7 +80,6 @@ def _overrides(shared: Path, run: Path) -> list[str]:
         "--data.init_args.world.root", str(shared / "world"),
         "--data.init_args.world.num_train", "64",
         "--data.init_args.world.num_val", "8",
-        "--data.init_args.processor", str(shared / "backbone"),
         "--model.init_args.backbone", str(shared / "backbone"),
         "--data.init_args.batch_size", "8",
         "--data.init_args.val_batch_size", "8",
