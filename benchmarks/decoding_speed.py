@@ -102,15 +102,17 @@ def tiny() -> Bench:
 BUILDERS = {"demo": demo, "cpu": cpu_preset, "tiny": tiny}
 
 
-def theory(name: str, settings, prompt: int, text: int, new: int) -> tuple[float, float]:
-    """(forward passes, token-forwards) per caption relative to greedy, for ``new`` tokens after a prompt."""
+def theory(name: str, settings, prompt: int, text: int, new: int, encoder_decoder: bool = False) -> tuple[float, float]:
+    """(forward passes, token-forwards) per caption relative to greedy, for ``new`` tokens after a prompt.
+
+    OPERA's candidates of a step take one pass together on decoder-only models, one pass each on Flan-T5."""
     greedy_work = prompt + new - 1
     if name == "beam":
         k = settings.num_beams
         return 1.0, (prompt + k * (new - 1)) / greedy_work
     if name == "opera":
         k, c = settings.num_beams, settings.num_candidates
-        return 1.0 + c, (prompt + k * (new - 1) + k * c * new) / greedy_work
+        return 1.0 + (c if encoder_decoder else 1), (prompt + k * (new - 1) + k * c * new) / greedy_work
     if name == "vcd" or (name == "pai" and settings.gamma != 1) or name == "m3id":
         extra = prompt if name == "vcd" else text
         return 2.0, 1.0 + (extra + new - 1) / greedy_work

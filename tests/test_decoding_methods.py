@@ -255,3 +255,33 @@ def test_opera_column_scores_equal_explicit_products() -> None:
     stacked = torch.stack([torch.nn.functional.pad(m, (0, 8 - m.shape[1])) for m in matrix], dim=1)  # (rows, 4, 8)
     rebuilt.rebuild(torch.arange(rows), stacked, torch.tensor(positions))
     torch.testing.assert_close(rebuilt.scores(candidate, 8), scores)
+
+
+@pytest.mark.parametrize("family", ["llava", "blip2_opt"])
+def test_opera_candidates_in_one_pass_equal_one_pass_each(family: str) -> None:
+    """The block-diagonal candidate pass reads the same attention rows as one single-token pass per candidate."""
+    from models.decoding.attention import routed
+    from models.decoding.opera import OperaReadout, _targets
+    from models.decoding.stream import prompt_image_mask
+    from models.tiny import TINY_FACTORIES
+
+    torch.manual_seed(0)
+    model = TINY_FACTORIES[family]().eval()
+    add_grounding(model, GroundingConfig(layers=[-1]))  # the read-out layer is grounded too
+    inputs = tiny_inputs(model, batch=3, left_pad=[0, 2, 1])
+    readout = OperaReadout(_targets(model)[0], encoder_decoder=False)
+    stream = Stream(model, inputs, prompt_image_mask(model, inputs), readout)
+    with torch.no_grad(), routed(model):
+        candidates = stream.prefill().logits.topk(3, dim=-1).indices  # (N, 3)
+        s = stream.mask.shape[1]
+        readout.rows = 3
+        stream.peek_all(candidates)
+        together, mass = readout.window, readout.image  # (N, 3, S + 3), (N, 3)
+        readout.rows = 1
+        for i in range(3):
+            stream.peek(candidates[:, i])
+            alone = readout.window[:, -1]  # (N, S + 1)
+            torch.testing.assert_close(together[:, i, :s], alone[:, :s], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(together[:, i, s + i], alone[:, s], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(mass[:, i], readout.image[:, -1], atol=1e-5, rtol=1e-4)
+        assert stream.cache.get_seq_length() == s  # every candidate was dropped again

@@ -21,7 +21,8 @@ def test_theoretical_costs() -> None:
     assert theory("pai", PAISettings(gamma=1.1), 100, 40, 11) == (2.0, 1.0 + 50 / 110)
     assert theory("pai", PAISettings(gamma=1.0), 100, 40, 11) == (1.0, 1.0)
     assert theory("beam", BeamSettings(num_beams=5), 100, 40, 11) == (1.0, 150 / 110)
-    assert theory("opera", OPERASettings(), 100, 40, 11) == (6.0, (100 + 50 + 275) / 110)
+    assert theory("opera", OPERASettings(), 100, 40, 11) == (2.0, (100 + 50 + 275) / 110)
+    assert theory("opera", OPERASettings(), 100, 40, 11, encoder_decoder=True)[0] == 6.0
 
 
 def test_decoding_speed_smoke() -> None:

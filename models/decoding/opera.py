@@ -1,8 +1,8 @@
 """OPERA: beam search with an over-trust penalty and retrospection-allocation (rollback), batched.
 
-Per step, every beam takes its top ``num_candidates`` tokens; each candidate costs one forward pass (its KV
-entry is dropped again) whose last-layer attention row is read out through the attention registry (max over
-heads, renormalised, as upstream). Over the local window (the last prompt token and the response), the
+Per step, every beam takes its top ``num_candidates`` tokens; the candidates are fed in one pass (each sees the
+cache and itself; Flan-T5: one pass each) and dropped from the cache again, and each one's last-layer attention
+row is read out through the attention registry (max over heads, renormalised, as upstream). Over the local window (the last prompt token and the response), the
 candidate's "knowledge aggregation" score is ``max_j 1e-7 * prod_{i >= j} scale * A[i, j]`` (products kept as
 running log-sums per column). Candidates score ``log p - penalty_weight * score`` after the first ``warmup``
 window rows and ``log p + penalty_weight * (attention on image tokens)`` before; other tokens are out.
@@ -166,13 +166,24 @@ class Opera:
         cand = logits.topk(c, dim=-1).indices  # (N, C)
         position = self.stream.mask.shape[1]
         best, where, image = [], [], []
+        if not self.stream.encoder_decoder:  # all candidates in one pass (T5's relative positions need one each)
+            self.readout.rows = c
+            try:
+                self.stream.peek_all(cand)
+            finally:
+                self.readout.rows = 1
+            window, mass = self.readout.window, self.readout.image  # (N, C, S + C), (N, C)
         for i in range(c):
-            self.stream.peek(cand[:, i])
-            aggregation = self.window.scores(self.readout.window[:, -1], position)  # (N, W+1)
-            value, column = aggregation.max(-1)
+            if self.stream.encoder_decoder:
+                self.stream.peek(cand[:, i])
+                row, share = self.readout.window[:, -1], self.readout.image[:, -1]
+            else:
+                row = torch.cat([window[:, i, :position], window[:, i, position + i:position + i + 1]], dim=-1)
+                share = mass[:, i]
+            value, column = self.window.scores(row, position).max(-1)  # (N,) over the window's columns
             best.append(value)
             where.append(column)
-            image.append(self.readout.image[:, -1])
+            image.append(share)
         best, where, image = torch.stack(best, 1), torch.stack(where, 1), torch.stack(image, 1)  # (N, C)
         early = (self.window.length + 1 <= self.s.warmup)[:, None]  # window rows incl. the candidate
         penalty = torch.where(early, -image, best.clamp_max(LOG_FP16_MAX).exp())

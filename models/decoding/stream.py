@@ -212,6 +212,21 @@ class Stream:
         self.mask, self.last_pos, self.generated = saved
         return out
 
+    def peek_all(self, tokens: Tensor) -> StepOutput:
+        """Feed C candidate tokens per row (N, C) in one decoder-only pass, then drop them from the cache.
+
+        Each candidate sees the cache and itself only (a block-diagonal 4D mask, all at the next position), so the
+        pass equals C single-token passes; only the edit's read-out of it is meant to be used.
+        """
+        n, c = tokens.shape
+        past = self.mask.bool()[:, None, None, :].expand(n, 1, c, self.mask.shape[1])
+        own = torch.eye(c, dtype=torch.bool, device=tokens.device)[None, None].expand(n, 1, c, c)
+        kwargs = dict(input_ids=tokens, attention_mask=torch.cat([past, own], dim=-1), cache=self.cache)
+        self._positions(kwargs, (self.last_pos + 1)[:, None].expand(n, c))
+        out = self._call(self.text_model, kwargs)
+        self.cache.crop(-c)
+        return out
+
     def refill(self, rows: Tensor, sample: int, tokens: Tensor, after_prompt: Callable[[], None] | None = None
                ) -> StepOutput:
         """Recompute cache rows ``rows`` as prompt row ``sample`` + ``tokens`` (R, n), keeping the cache length.
