@@ -2,8 +2,8 @@
 
 Per step, every beam takes its top ``num_candidates`` tokens; the candidates are fed in one pass (each sees the
 cache and itself; Flan-T5: one pass each) and dropped from the cache again, and each one's last-layer attention
-row is read out through the attention registry (max over heads, renormalised, as upstream). Over the local window (the last prompt token and the response), the
-candidate's "knowledge aggregation" score is ``max_j 1e-7 * prod_{i >= j} scale * A[i, j]`` (products kept as
+row is read out through the attention registry (max over heads, renormalised, as upstream). Over the local
+window (the last prompt token and the response), the candidate's "knowledge aggregation" score is ``max_j 1e-7 * prod_{i >= j} scale * A[i, j]`` (products kept as
 running log-sums per column). Candidates score ``log p - penalty_weight * score`` after the first ``warmup``
 window rows and ``log p + penalty_weight * (attention on image tokens)`` before; other tokens are out.
 
