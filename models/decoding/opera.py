@@ -23,7 +23,7 @@ from torch import Tensor
 
 from models.backbones import _layers_of, backbone_spec
 from models.decoding.attention import AttentionEdit, explicit_logits, routed
-from models.decoding.search import BeamSearch, check_lengths, eos_tensor
+from models.decoding.search import BeamSearch, check_lengths, eos_tensor, finished_everywhere, synced_ranks
 from models.decoding.settings import OPERASettings
 from models.decoding.stream import Stream, prompt_image_mask, unwrap
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -129,6 +129,11 @@ class Opera:
         self.stream, self.readout, self.s = stream, readout, settings
         self.max_new, self.pad = max_new_tokens, pad_token_id
         self.eos = eos_token_id
+        self.synced = synced_ranks(stream.model)
+        if self.synced and settings.rollback:
+            raise ValueError("opera.rollback recomputes a sample's cache rows on its own rank, but with ZeRO-3/FSDP-"
+                             "sharded weights every rank must run the same passes: set generation.opera.rollback "
+                             "false (or validate under ddp)")
 
     def run(self) -> Tensor:
         s, stream, readout = self.s, self.stream, self.readout
@@ -153,7 +158,7 @@ class Opera:
             scores = self.maybe_rollback(scores, locs)
             parent, tokens = self.search.step(scores)
             self.snapshot(parent, tokens)
-            if self.search.done:
+            if finished_everywhere(self.search.done, self.synced, device):
                 return self.search.best()
             stream.reorder(parent)
             self.window.reorder(parent)

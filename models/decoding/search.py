@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from models.decoding.stream import StepOutput, Stream
@@ -34,6 +35,24 @@ def check_lengths(max_new_tokens: int, pad_token_id: int) -> None:
         raise ValueError(f"pad_token_id must be an int (it fills rows that already ended), got {pad_token_id!r}")
 
 
+def synced_ranks(model) -> bool:
+    """generate()'s ``synced_gpus``: with ZeRO-3/FSDP-sharded weights every rank must run the same forward passes."""
+    from transformers.distributed.fsdp import is_fsdp_managed_module
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return distributed and (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model))
+
+
+def finished_everywhere(done: bool, synced: bool, device: torch.device) -> bool:
+    """``done`` here, and (synced) on every rank: until then a finished rank keeps stepping (pad tokens)."""
+    if not synced:
+        return done
+    flag = torch.tensor(0.0 if done else 1.0, device=device)
+    dist.all_reduce(flag)
+    return float(flag) == 0.0
+
+
 def greedy_search(
     streams: list[Stream],
     score: Callable[[list[StepOutput], int], Tensor],
@@ -41,12 +60,15 @@ def greedy_search(
     max_new_tokens: int,
     pad_token_id: int,
     eos_token_id: int | list[int] | None,
+    synced: bool | None = None,
 ) -> Tensor:
     """Argmax of ``score(outputs of every stream, step)`` (N, V) each step; returns (N, new tokens).
 
-    Rows that emitted EOS get ``pad_token_id`` afterwards; decoding stops when every row has ended.
+    Rows that emitted EOS get ``pad_token_id`` afterwards; decoding stops when every row has ended (``synced``,
+    default: under ZeRO-3/FSDP with several ranks, on every rank).
     """
     check_lengths(max_new_tokens, pad_token_id)
+    synced = synced_ranks(streams[0].model) if synced is None else synced
     outs = [stream.prefill() for stream in streams]
     eos = eos_tensor(eos_token_id, outs[0].logits.device)
     unfinished = torch.ones(outs[0].logits.shape[0], dtype=torch.bool, device=eos.device)
@@ -56,7 +78,7 @@ def greedy_search(
         chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad_token_id))
         tokens.append(chosen)
         unfinished = unfinished & ~torch.isin(chosen, eos)
-        if step + 1 == max_new_tokens or not bool(unfinished.any()):
+        if step + 1 == max_new_tokens or finished_everywhere(not bool(unfinished.any()), synced, eos.device):
             break
         outs = [stream.step(chosen) for stream in streams]
     return torch.stack(tokens, dim=1)
@@ -147,9 +169,10 @@ def beam_search(stream: Stream, num_beams: int, length_penalty: float, *, max_ne
     logits = logits.repeat_interleave(num_beams, dim=0)
     search = BeamSearch(batch, num_beams, max_new_tokens, length_penalty, eos_tensor(eos_token_id, logits.device),
                         pad_token_id)
+    synced = synced_ranks(stream.model)
     while True:
         parent, tokens = search.step(torch.log_softmax(logits, dim=-1))
-        if search.done:
+        if finished_everywhere(search.done, synced, logits.device):
             return search.best()
         stream.reorder(parent)
         logits = stream.step(tokens).logits
