@@ -196,9 +196,9 @@ def main() -> None:
     if args.threads or args.clock == "cpu":
         torch.set_num_threads(args.threads or 1)
     opera = OPERASettings()
-    print(f"torch {torch.__version__}, CPU x{torch.get_num_threads()} threads, {args.clock} clock; {args.new_tokens} new tokens per caption, no "
-          f"EOS; median of {args.reps} interleaved reps; defaults (opera: {opera.num_beams} beams x "
-          f"{opera.num_candidates} candidates)")
+    print(f"torch {torch.__version__}, CPU x{torch.get_num_threads()} threads, {args.clock} clock; "
+          f"{args.new_tokens} new tokens per caption, no EOS; median of {args.reps} interleaved reps; defaults "
+          f"(opera: {opera.num_beams} beams x {opera.num_candidates} candidates)")
     with torch.no_grad():
         for name in args.models.split(","):
             if name not in BUILDERS:

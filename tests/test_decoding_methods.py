@@ -217,7 +217,8 @@ def test_aai_edit_equals_the_explicit_formula() -> None:
     edit = AAIEdit({id(attn): (1, False)}, alpha=0.4, beta=1.5, warmup=2, reference=reference)
     stream = Stream(model, tiny_inputs(model, batch=B), image, edit)
     stream.generated = 1  # still warming up: untouched
-    torch.testing.assert_close(_edited(edit, attn, q, k, v, image), _out(_logits(q, k).softmax(-1), v), atol=1e-5, rtol=0)
+    untouched = _out(_logits(q, k).softmax(-1), v)
+    torch.testing.assert_close(_edited(edit, attn, q, k, v, image), untouched, atol=1e-5, rtol=0)
     stream.generated = 2
     out = _edited(edit, attn, q, k, v, image)
     probs = _logits(q, k).softmax(-1)  # (B, H, 1, S)

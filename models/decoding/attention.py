@@ -33,7 +33,8 @@ MIN = torch.finfo(torch.float32).min
 def routed(model: nn.Module):
     """Route the language model's attention through ``attention_core`` inside the block (restored after)."""
     language_model = backbone_spec(model).language_model(model)
-    configs = {id(m.config): m.config for m in language_model.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)}
+    configs = {id(m.config): m.config for m in language_model.modules()
+               if isinstance(getattr(m, "config", None), PretrainedConfig)}
     saved = {key: config._attn_implementation for key, config in configs.items()}
     for config in configs.values():
         if config._attn_implementation not in (ATTN_IMPLEMENTATION, EDIT_ATTN):

@@ -3,9 +3,10 @@
 Per step, every beam takes its top ``num_candidates`` tokens; the candidates are fed in one pass (each sees the
 cache and itself; Flan-T5: one pass each) and dropped from the cache again, and each one's last-layer attention
 row is read out through the attention registry (max over heads, renormalised, as upstream). Over the local
-window (the last prompt token and the response), the candidate's "knowledge aggregation" score is ``max_j 1e-7 * prod_{i >= j} scale * A[i, j]`` (products kept as
-running log-sums per column). Candidates score ``log p - penalty_weight * score`` after the first ``warmup``
-window rows and ``log p + penalty_weight * (attention on image tokens)`` before; other tokens are out.
+window (the last prompt token and the response), the candidate's "knowledge aggregation" score is
+``max_j 1e-7 * prod_{i >= j} scale * A[i, j]`` (products kept as running log-sums per column). Candidates
+score ``log p - penalty_weight * score`` after the first ``warmup`` window rows and
+``log p + penalty_weight * (attention on image tokens)`` before; other tokens are out.
 
 Rollback, per sample: each beam's most frequent maximising column over its candidates is recorded per step; when
 all beams of a sample agreed on the same column ``j >= warmup`` more than ``threshold`` times (within the last
@@ -29,6 +30,7 @@ from models.decoding.stream import Stream, prompt_image_mask, unwrap
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 LOG_FP16_MAX = math.log(65504.0)  # upstream stores scores in float16; larger ones are capped here, not inf
+BEAM_STATE = ("length", "running", "running_scores", "seqs", "seq_len", "scores", "finished", "open")
 
 
 class OperaReadout(AttentionEdit):
@@ -199,9 +201,9 @@ class Opera:
     def snapshot(self, parent: Tensor, tokens: Tensor) -> None:
         """Keep the beam state after this step (tensors are replaced, never changed, so no copies)."""
         sr = self.search
-        self.snapshots.append(dict(length=sr.length, running=sr.running, running_scores=sr.running_scores,
-                                   seqs=sr.seqs, seq_len=sr.seq_len, scores=sr.scores, finished=sr.finished,
-                                   open=sr.open, parent=parent.view(self.batch, -1), tokens=tokens.view(self.batch, -1)))
+        self.snapshots.append(dict(
+            {name: getattr(sr, name) for name in BEAM_STATE},
+            parent=parent.view(self.batch, -1), tokens=tokens.view(self.batch, -1)))
         if len(self.snapshots) > self.s.window + 1:
             self.snapshots.pop(0)
 
@@ -268,8 +270,8 @@ class Opera:
         if before is None:  # back to the very first choice: the beam state at the start
             fresh = BeamSearch(1, k, self.max_new, self.s.length_penalty, sr.eos, self.pad)
             before = {name: getattr(fresh, name).expand(self.batch, *getattr(fresh, name).shape[1:])
-                      for name in ("length", "running", "running_scores", "seqs", "seq_len", "scores", "finished", "open")}
-        for name in ("length", "running", "running_scores", "seqs", "seq_len", "scores", "finished", "open"):
+                      for name in BEAM_STATE}
+        for name in BEAM_STATE:
             value = getattr(sr, name).clone()
             value[b] = before[name][b]
             setattr(sr, name, value)

@@ -27,7 +27,8 @@ def _number(obj, name: str, low: float | None = None, high: float | None = None,
     _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value), key,
            f"must be a finite number, got {value!r}")
     if low is not None:
-        _check(value > low if low_open else value >= low, key, f"must be {'>' if low_open else '>='} {low}, got {value!r}")
+        relation = ">" if low_open else ">="
+        _check(value > low if low_open else value >= low, key, f"must be {relation} {low}, got {value!r}")
     if high is not None:
         _check(value <= high, key, f"must be <= {high}, got {value!r}")
 
@@ -37,6 +38,11 @@ def _integer(obj, name: str, low: int) -> None:
     key = f"{obj.METHOD}.{name}"
     _check(isinstance(value, int) and not isinstance(value, bool), key, f"must be an int, got {value!r}")
     _check(value >= low, key, f"must be >= {low}, got {value!r}")
+
+
+def _index_list(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
 
 
 def _range(obj) -> None:
@@ -144,11 +150,11 @@ class DoLaSettings:
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
-            _check(self.layers in ("low", "high"), "dola.layers", f"must be 'low', 'high' or a list of ints, got {self.layers!r}")
+            _check(self.layers in ("low", "high"), "dola.layers",
+                   f"must be 'low', 'high' or a list of ints, got {self.layers!r}")
         else:
-            _check(isinstance(self.layers, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                                  for i in self.layers),
-                   "dola.layers", f"must be 'low', 'high' or a list of non-negative ints, got {self.layers!r}")
+            _check(_index_list(self.layers), "dola.layers",
+                   f"must be 'low', 'high' or a list of non-negative ints, got {self.layers!r}")
             self.layers = list(self.layers)
         _number(self, "relative_top", 0.0, 1.0, low_open=True)
 
@@ -162,9 +168,7 @@ class EAHSettings:
     threshold: float = 0.0008
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.layers, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                                              for i in self.layers),
-               "eah.layers", f"must be a list of non-negative ints, got {self.layers!r}")
+        _check(_index_list(self.layers), "eah.layers", f"must be a list of non-negative ints, got {self.layers!r}")
         self.layers = list(self.layers)
         _number(self, "threshold", 0.0)
 
@@ -205,7 +209,8 @@ class VAFSettings:
 
 @dataclass
 class DeCoSettings:
-    """DeCo: ``l_L + alpha p* l_{l*}`` over the final layer's top-k/top-p candidates, l* the most confident early layer."""
+    """DeCo: ``l_L + alpha p* l_{l*}`` on the final layer's top-k/top-p candidates, l* the most confident early
+    layer."""
 
     METHOD = "deco"
     alpha: float = 0.6
