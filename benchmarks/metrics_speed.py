@@ -1,6 +1,6 @@
 """Speed of the hallucination metrics on one CPU core.
 
-* CHAIR: the 500 long captions of an OPERA log (``../shared/reference/opera_chair/``), ground truth
+* CHAIR: the 500 long captions of an OPERA log (``tests/data/opera_chair/``), ground truth
   already loaded. "cold" clears the tokeniser/singulariser caches before every repeat (first contact
   with the text); "warm" keeps them (a validation loop that has seen the vocabulary before).
 * CHAIR ground truth at COCO-2014 scale (``--coco-scale``): synthetic ``instances``/``captions`` files
@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
 import re
@@ -33,7 +34,6 @@ from metrics.english import singularize_lemma
 from metrics.pope import POPE, pope
 from metrics.text import _chunk_tokens, singularize
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "opera_chair"
 
 
 def _clear_caches() -> None:
@@ -52,11 +52,21 @@ def _best(fn: Callable[[], object], repeats: int, before: Callable[[], None] | N
     return min(times), statistics.median(times)
 
 
+REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "data" / "opera_chair"  # sources: its README
+GT_OBJECTS = REFERENCE / "gt_objects.json"
+LOGS = sorted(p.name.removesuffix(".jsonl.gz") for p in REFERENCE.glob("*.jsonl.gz"))
+
+
+def read_log(name: str) -> list[dict]:
+    with gzip.open(REFERENCE / f"{name}.jsonl.gz", "rt", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def bench_chair(log: str, repeats: int) -> list[str]:
     start = time.perf_counter()
-    gt = load_gt_objects(REFERENCE / "gt_objects.json")
+    gt = load_gt_objects(GT_OBJECTS)
     gt_seconds = time.perf_counter() - start
-    records = [json.loads(line) for line in (REFERENCE / f"{log}.jsonl").read_text().splitlines()]
+    records = read_log(log)
     caps, ids = [r["caption"] for r in records], [r["image_id"] for r in records]
     words = sum(len(c.split()) for c in caps) / len(caps)
     lines = [f"CHAIR, {log}: {len(caps)} captions, {words:.0f} words/caption; gt_objects.json loaded in {gt_seconds * 1e3:.0f} ms"]
@@ -82,9 +92,9 @@ def bench_coco_scale(num_images: int = 123_287) -> list[str]:
     rng = random.Random(0)
     sentences = sorted({
         sentence.strip() + "."
-        for path in sorted(REFERENCE.glob("*.jsonl"))
-        for line in path.read_text().splitlines()
-        for sentence in re.split(r"[.\n]", json.loads(line)["caption"])
+        for log in LOGS
+        for record in read_log(log)
+        for sentence in re.split(r"[.\n]", record["caption"])
         if 5 <= len(sentence.split()) <= 20
     })
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(COCO_CATEGORIES)]
@@ -143,13 +153,11 @@ def bench_pope(repeats: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--log", default="llava-1.5_greedy", help="OPERA log name in ../shared/reference/opera_chair")
+    parser.add_argument("--log", default="llava-1.5_greedy", help="OPERA log name in tests/data/opera_chair")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--coco-scale", action="store_true", help="also time ground-truth building at COCO-2014 scale")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if not (REFERENCE / "gt_objects.json").is_file():
-        raise SystemExit(f"reference data not found at {REFERENCE}")
     lines = bench_chair(args.log, args.repeats) + bench_pope(args.repeats)
     if args.coco_scale:
         lines += bench_coco_scale()

@@ -9,8 +9,8 @@ The JSON written with ``--output`` is a contract other tools rely on (see ``docs
 * ``mme``: per-subtask ``acc``/``acc_plus``/``score`` and ``perception``/``cognition``/``total``;
 * ``amber``: ``{CHAIR, Cover, Hal, Cog}`` and the counts.
 
-Every command also prints a short table. Errors (unknown image id, missing answer, malformed JSON)
-exit with status 2 and a message naming the file / line / id.
+Every command also prints a short table. Errors (an empty input file, unknown image id, missing answer,
+malformed JSON) exit with status 2 and a message naming the file / line / id.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ def _write(path: str, payload: dict[str, Any]) -> None:
     out.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _require(items: Sequence, path: str, what: str) -> None:
+    """An empty input is an error: its metrics would be 0/0 (reported as zeros), not a measurement."""
+    if not len(items):
+        raise ValueError(f"{path}: no {what} to score (the file is empty)")
+
+
 def _floats(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in metrics.items()}
 
@@ -57,6 +63,7 @@ def _run_chair(args: argparse.Namespace) -> None:
     from metrics.io import normalize_image_id, read_records, require_key
 
     records = read_records(args.captions)
+    _require(records, args.captions, "captions")
     raw_ids = [require_key(r, args.image_id_key, args.captions, i) for i, r in enumerate(records)]
     captions = [require_key(r, args.caption_key, args.captions, i) for i, r in enumerate(records)]
     gt = load_ground_truth(args.coco_dir, args.gt_objects, args.mode, args.cache_dir, not args.no_cache)
@@ -94,7 +101,10 @@ def _run_pope(args: argparse.Namespace) -> None:
     total = torch.zeros(4, dtype=torch.long)
     for q_path, a_path in zip(args.questions, args.answers):
         questions = read_pope_questions(q_path)
-        answers, labels = join_answers(questions, read_records(a_path), args.answer_key, source=str(a_path))
+        _require(questions, q_path, "questions")
+        answer_records = read_records(a_path)
+        _require(answer_records, a_path, "answers")
+        answers, labels = join_answers(questions, answer_records, args.answer_key, source=str(a_path))
         counts = _pope_update(answers, labels, args.parser)
         name = Path(q_path).stem
         if name in splits:
@@ -145,6 +155,7 @@ def _run_mme(args: argparse.Namespace) -> None:
     subtasks, images, labels, predictions = read_mme_results(
         args.results, args.subtask_key, args.image_key, args.label_key, args.prediction_key
     )
+    _require(subtasks, args.results, "MME results")
     payload = _floats(mme(subtasks, images, labels, predictions))
     _write(args.output, payload)
     rows = [(k, v) for k, v in payload.items() if k.endswith("/score") or "/" not in k]
@@ -156,6 +167,7 @@ def _run_amber(args: argparse.Namespace) -> None:
 
     annotations = load_amber_annotations(args.annotations, args.relation, args.safe_words)
     ids, responses = read_amber_responses(args.responses, args.id_key, args.response_key)
+    _require(ids, args.responses, "responses")
     counts = _amber_update(ids, responses, annotations)
     payload = {"metrics": _floats(_amber_compute(counts)), "counts": dict(zip(COUNT_NAMES, counts.tolist()))}
     _write(args.output, payload)

@@ -1,41 +1,32 @@
 """CHAIR in ``reference`` mode reproduces the reference implementation on 12 real OPERA caption logs.
 
-Data: ``../shared/reference/opera_chair/`` beside the checkout (LLaVA-1.5, InstructBLIP, MiniGPT-4 and
-Shikra captions on COCO; ``expected.json`` = the reference's output caption by caption).
+Data: ``tests/data/opera_chair/`` (LLaVA-1.5, InstructBLIP, MiniGPT-4 and Shikra captions on COCO;
+``expected.json.gz`` = the reference's output caption by caption; sources in its README).
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from metrics.chair import CHAIR, COUNT_NAMES, _chair_update, chair
 from metrics.chair_gt import load_gt_objects
-
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "opera_chair"
-pytestmark = pytest.mark.skipif(
-    not (REFERENCE / "expected.json").is_file(), reason=f"reference data not found at {REFERENCE}"
-)
+from tests.reference_data import GT_OBJECTS, LOGS, read_log
+from tests.reference_data import expected as read_expected
 
 
 @pytest.fixture(scope="module")
 def expected() -> dict:
-    return json.loads((REFERENCE / "expected.json").read_text())
+    return read_expected()
 
 
 @pytest.fixture(scope="module")
 def ground_truth() -> dict:
-    return load_gt_objects(REFERENCE / "gt_objects.json")
-
-
-LOGS = [f"{m}_{d}" for m in ("llava-1.5", "instructblip", "minigpt4", "shikra") for d in ("greedy", "beam5", "ours")]
+    return load_gt_objects(GT_OBJECTS)
 
 
 def _log(name: str) -> list[dict]:
-    return [json.loads(line) for line in (REFERENCE / f"{name}.jsonl").read_text().splitlines()]
+    return read_log(name)
 
 
 @pytest.mark.parametrize("name", LOGS)

@@ -11,7 +11,8 @@ import pytest
 
 from lightning_app.score import main
 from tests.test_metrics_chair import write_coco
-from tests.test_metrics_chair_reference import REFERENCE
+from tests.reference_data import GT_OBJECTS, read_log
+from tests.reference_data import expected as reference_results
 from tests.test_metrics_mme_amber import write_amber, write_mme_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,17 +133,17 @@ def test_pope_questions_mme_amber_commands(tmp_path: Path, capsys: pytest.Captur
     assert "Cover" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not (REFERENCE / "gt_objects.json").is_file(), reason=f"reference data not found at {REFERENCE}")
 def test_module_entry_point_on_a_reference_log(tmp_path: Path) -> None:
     """The real command line, in a subprocess, through ``python -m lightning_app``."""
     out = tmp_path / "out.json"
+    log = write_jsonl(tmp_path / "shikra_ours.jsonl", read_log("shikra_ours"))
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_app", "score", "chair", "--captions", str(REFERENCE / "shikra_ours.jsonl"),
-         "--gt-objects", str(REFERENCE / "gt_objects.json"), "--output", str(out)],
+        [sys.executable, "-m", "lightning_app", "score", "chair", "--captions", str(log),
+         "--gt-objects", str(GT_OBJECTS), "--output", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    expected = json.loads((REFERENCE / "expected.json").read_text())["logs"]["shikra_ours"]
+    expected = reference_results()["logs"]["shikra_ours"]
     result = json.loads(out.read_text())
     assert {k: result["metrics"][k] for k in expected["overall_metrics"]} == expected["overall_metrics"]
     assert [c["hallucinated_objects"] for c in result["captions"]] == [s["hallucinated_objects"] for s in expected["sentences"]]
@@ -163,3 +164,18 @@ def test_cli_dispatches_score_and_keeps_lightning_subcommands(tmp_path: Path, ca
             cli_main([sub, "--help"])
         assert exc.value.code == 0
         assert "--ckpt_path" in capsys.readouterr().out
+
+
+def test_empty_inputs_are_errors_not_zeros(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    coco = write_coco(tmp_path / "coco")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    out = str(tmp_path / "out.json")
+    err = run_error(["chair", "--captions", str(empty), "--coco-dir", str(coco), "--no-cache", "--output", out], capsys)
+    assert "empty.jsonl: no captions to score" in err
+    questions = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "image": "1.jpg", "text": "Is there a dog?", "label": "yes"}])
+    err = run_error(["pope", "--questions", str(empty), "--answers", str(questions), "--output", out], capsys)
+    assert "empty.jsonl: no questions to score" in err
+    err = run_error(["pope", "--questions", str(questions), "--answers", str(empty), "--output", out], capsys)
+    assert "empty.jsonl: no answers to score" in err
+    assert not Path(out).exists()

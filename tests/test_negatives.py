@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import random
 import re
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
@@ -15,8 +13,8 @@ from datamodules.mentions import Mention, find_object_mentions
 from datamodules.negatives import ALL_KINDS, Negative, make_negative, negative_label_spans, positive_label_spans
 from metrics.coco_objects import COCO_CATEGORIES, get_parser
 from metrics.english import pluralize
+from tests.reference_data import read_log
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "opera_chair"
 NUMBER_WORDS = ["a", "two", "three", "four", "five"]
 
 # Real COCO captions (val2014) and their object mentions.
@@ -97,10 +95,7 @@ def test_mention_offsets_plural_and_case() -> None:
 
 
 def test_mentions_equal_chair_lemma_mode_on_real_llava_captions() -> None:
-    log = REFERENCE / "llava-1.5_greedy.jsonl"
-    if not log.is_file():
-        pytest.skip(f"reference captions not found at {log}")
-    captions = [json.loads(line)["caption"] for line in log.read_text().splitlines()]
+    captions = [r["caption"] for r in read_log("llava-1.5_greedy")]
     assert len(captions) == 500
     parser = get_parser("lemma")
     differing = [c for c in captions if [m.category for m in find_object_mentions(c)] != list(parser(c).objects)]
@@ -305,10 +300,7 @@ def test_every_kind_on_real_and_synthetic_captions(caption: str) -> None:
 
 
 def test_invariants_on_real_llava_captions() -> None:
-    log = REFERENCE / "llava-1.5_greedy.jsonl"
-    if not log.is_file():
-        pytest.skip(f"reference captions not found at {log}")
-    captions = [json.loads(line)["caption"] for line in log.read_text().splitlines()][:120]
+    captions = [r["caption"] for r in read_log("llava-1.5_greedy")][:120]
     rng = random.Random(7)
     counts = dict.fromkeys(ALL_KINDS, 0)
     for caption in captions:
