@@ -52,7 +52,8 @@ class CaptionPairsDataModule(LightningDataModule):
     """Caption pairs + yes/no questions for training; captioning prompts and questions for validation.
 
     Args:
-        processor: hub id or directory of the backbone's processor (``AutoProcessor.from_pretrained``).
+        processor: hub id or directory of the backbone's processor (``AutoProcessor.from_pretrained``); the CLI
+            sets it to ``model.backbone``.
         coco_dir: COCO-format root with ``annotations/{captions,instances}_{split}.json``.
         image_dir: images of a split are ``{image_dir}/{split}/{file_name}`` (default ``{coco_dir}/images``).
         pairs_file: the source design's pair JSON; replaces the COCO captions for training.
@@ -82,7 +83,7 @@ class CaptionPairsDataModule(LightningDataModule):
 
     def __init__(
         self,
-        processor: str,
+        processor: str | None = None,
         coco_dir: str | None = None,
         image_dir: str | None = None,
         pairs_file: str | None = None,
@@ -111,6 +112,9 @@ class CaptionPairsDataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if not processor:
+            raise ValueError("data.processor is required: the backbone's hub id or directory (the CLI sets it to "
+                             "model.backbone)")
         if world is not None:
             world_root = str(Path(world.root))
             if coco_dir not in (None, world_root):
@@ -118,6 +122,9 @@ class CaptionPairsDataModule(LightningDataModule):
             coco_dir = world_root
         if coco_dir is None and pairs_file is None:
             raise ValueError("give data.coco_dir (COCO-format annotations), data.world or data.pairs_file")
+        if demo_backbone is not None and coco_dir is None:
+            raise ValueError("data.demo_backbone trains its tokenizer on COCO-format captions: give data.world or "
+                             "data.coco_dir too")
         for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
             if value < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {value}")
@@ -172,7 +179,6 @@ class CaptionPairsDataModule(LightningDataModule):
 
     def _world_texts(self) -> list[str]:
         """Every text the demo tokenizer must cover: prompts, captions, questions, answers."""
-        assert self.coco_dir is not None
         texts = [self.caption_prompt, self.question_prompt, self.question_suffix, "yes", "no"]
         for split in (self.train_split, self.val_split):
             texts += [a["caption"] for a in coco_split(self.coco_dir, split)[2]]

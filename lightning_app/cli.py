@@ -3,6 +3,8 @@
 ``score`` scores caption/answer files from any tool (see :mod:`lightning_app.score`); every other
 subcommand is LightningCLI (:class:`lightning_app.suite_cli.SuiteCLI`) with the model and datamodule given
 as ``class_path``/``init_args``. After ``fit`` and ``validate`` the validation report is printed.
+
+Overlay configs (``configs/demo_baseline.yaml``): see :func:`lightning_app.suite_cli.expand_config_bases`.
 """
 
 from __future__ import annotations

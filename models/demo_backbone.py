@@ -7,6 +7,8 @@ suite then loads it through the same ``from_pretrained`` path as ``llava-hf/llav
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -118,19 +120,31 @@ def build_demo_backbone(texts: Iterable[str], out_dir: str | Path, config: TinyL
     config = config or TinyLlavaConfig()
     out_dir = Path(out_dir)
     info_path = out_dir / BUILD_INFO
-    if info_path.is_file():
-        saved = json.loads(info_path.read_text())
-        if saved != asdict(config):
-            raise ValueError(
-                f"{out_dir} holds a demo backbone built with {saved}, not {asdict(config)}: "
-                "delete it or choose another directory"
-            )
-        return out_dir
+    if not info_path.is_file():
+        _build_into(texts, out_dir, config)
+    saved = json.loads(info_path.read_text())
+    if saved != asdict(config):
+        raise ValueError(
+            f"{out_dir} holds a demo backbone built with {saved}, not {asdict(config)}: "
+            "delete it or choose another directory"
+        )
+    return out_dir
+
+
+def _build_into(texts: Iterable[str], out_dir: Path, config: TinyLlavaConfig) -> None:
+    """Build in a temporary sibling, then move it into place: a crashed or concurrent build leaves no half backbone."""
     tokenizer = train_tokenizer(texts, config.vocab_size)
     processor = build_processor(tokenizer, config)
     model = build_model(tokenizer, config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    processor.save_pretrained(out_dir)
-    model.save_pretrained(out_dir)
-    info_path.write_text(json.dumps(asdict(config), indent=2))  # last: marks a complete build
-    return out_dir
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    processor.save_pretrained(tmp)
+    model.save_pretrained(tmp)
+    (tmp / BUILD_INFO).write_text(json.dumps(asdict(config), indent=2))
+    try:
+        tmp.rename(out_dir)  # fails if another process got there first (or out_dir holds other files)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out_dir / BUILD_INFO).is_file():
+            raise FileExistsError(f"{out_dir} exists but holds no complete demo backbone: delete it") from None

@@ -36,7 +36,7 @@ from models.loading import (
     zero3_config,
 )
 from models.objective import ObjectiveConfig, contrastive_loss, grounding_loss, lm_loss, masked_mean, nanmean_layers
-from models.report import probe_rates, write_report
+from models.report import annotated_examples, logged_metrics, probe_rates, write_report
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ class GroundedVLM(LightningModule):
     """Any registry backbone (``models.BACKBONES``), grounded or plain, optionally with LoRA.
 
     Args:
-        backbone: hub id or local directory for ``from_pretrained`` (model and processor).
+        backbone: hub id or local directory for ``from_pretrained`` (model and processor); the CLI gives
+            ``data.processor`` the same value. Left out where ``data.demo_backbone`` builds it: the CLI then sets
+            the demo backbone's cache directory (``lightning_app.run_layout``).
         grounding: ``GroundingConfig``; ``enabled: false`` keeps the identical code path with inert gates.
         objective: the loss weights; both lambdas must be 0 when grounding is disabled.
         lora: peft LoRA settings, or null for full fine-tuning. The end of a LoRA run writes the adapters +
@@ -92,7 +94,7 @@ class GroundedVLM(LightningModule):
 
     def __init__(
         self,
-        backbone: str,
+        backbone: str | None = None,
         grounding: GroundingConfig | None = None,
         objective: ObjectiveConfig | None = None,
         lora: LoraSettings | None = None,
@@ -113,6 +115,9 @@ class GroundedVLM(LightningModule):
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__()
+        if not backbone:
+            raise ValueError("model.backbone is required: a hub id (llava-hf/llava-1.5-7b-hf) or a save_pretrained "
+                             "directory; the demo configs leave it to data.demo_backbone")
         self.grounding = grounding if grounding is not None else GroundingConfig(enabled=False)
         self.objective = objective if objective is not None else ObjectiveConfig()
         if not self.grounding.enabled and (self.objective.lambda_grounding or self.objective.lambda_contrastive):
@@ -365,22 +370,14 @@ class GroundedVLM(LightningModule):
         pope = {name: {k: float(v) for k, v in metric.compute().items()} for name, metric in self.pope.items()
                 if int(metric.tp + metric.fp + metric.tn + metric.fn)}
         probes = probe_rates(details, self.chair.ground_truth, self.probes)
-        metrics = {f"{stage}/{k}": v for k, v in chair.items()}
-        for name, values in pope.items():  # one set named "pope" (the default questions file) logs as val/pope_*
-            prefix = f"{stage}/pope_" if name == "pope" else f"{stage}/pope_{name}_"
-            metrics.update({prefix + k: v for k, v in values.items() if k in ("accuracy", "precision", "recall", "f1", "yes_ratio")})
-        for name, probe in probes.items():
-            metrics[f"{stage}/halluc_{name}"] = probe["rate_absent_with_anchor"]
-        self.log_dict(metrics, prog_bar=False, sync_dist=False, rank_zero_only=True)
+        self.log_dict(logged_metrics(stage, chair, pope, probes), prog_bar=False, sync_dist=False, rank_zero_only=True)
         self.chair.reset()
         for metric in self.pope.values():
             metric.reset()
         if self.trainer.sanity_checking:  # (validation only) no report from the sanity check
             self._examples = []
             return
-        by_id = {d["image_id"]: d for d in details}
-        examples = [{**e, **{k: by_id.get(e["image_id"], {}).get(k, []) for k in ("mentioned_objects", "hallucinated_objects")},
-                     "gt_objects": sorted(self.chair.ground_truth.get(e["image_id"], []))} for e in self._examples]
+        examples = annotated_examples(self._examples, details, self.chair.ground_truth)
         self._examples = []
         self.last_report = {
             "stage": stage,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["probe_rates", "report_markdown", "write_report"]
+__all__ = ["annotated_examples", "logged_metrics", "probe_rates", "report_markdown", "write_report"]
 
 
 def _naming_rate(rows: list[dict], name: str) -> float:
@@ -30,6 +30,25 @@ def probe_rates(details: list[dict], ground_truth: dict, probes: list[tuple[str,
             "n_present": len(present),
         }
     return out
+
+
+def logged_metrics(stage: str, chair: dict, pope: dict[str, dict], probes: dict[str, dict]) -> dict[str, float]:
+    """The figures logged per evaluation: ``{stage}/CHAIRs``, ``{stage}/pope_f1``, ``{stage}/halluc_fork->knife``..."""
+    metrics = {f"{stage}/{k}": v for k, v in chair.items()}
+    for name, values in pope.items():  # one set named "pope" (the default questions file) logs as val/pope_*
+        prefix = f"{stage}/pope_" if name == "pope" else f"{stage}/pope_{name}_"
+        metrics.update({prefix + k: v for k, v in values.items() if k in ("accuracy", "precision", "recall", "f1", "yes_ratio")})
+    for name, probe in probes.items():
+        metrics[f"{stage}/halluc_{name}"] = probe["rate_absent_with_anchor"]
+    return metrics
+
+
+def annotated_examples(examples: list[dict], details: list[dict], ground_truth: dict) -> list[dict]:
+    """Example captions with their mentioned and hallucinated objects and the image's ground truth."""
+    by_id = {d["image_id"]: d for d in details}
+    keys = ("mentioned_objects", "hallucinated_objects")
+    return [{**e, **{k: by_id.get(e["image_id"], {}).get(k, []) for k in keys},
+             "gt_objects": sorted(ground_truth.get(e["image_id"], []))} for e in examples]
 
 
 def write_report(report: dict, run_dir: Path) -> None:

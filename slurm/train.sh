@@ -13,10 +13,12 @@
 #
 # Preemption and time limits: SLURM sends SIGUSR1 300 s before the time limit (--signal); when the
 # current training step ends, the CLI (lightning_app.preemption.RequeueOnSignal) saves hpc_ckpt_N.ckpt in
-# trainer.default_root_dir and requeues the job (--requeue). Raise the lead time if a validation pass takes
-# longer (sbatch --signal=SIGUSR1@900 ...): the signal is acted on after it. On every start (first or requeued) without a --ckpt_path argument, this script
-# looks for the newest checkpoint of the run (last*.ckpt of its ModelCheckpoint callbacks,
-# hpc_ckpt_*.ckpt in default_root_dir) and passes it as --ckpt_path; `--ckpt_path null` starts fresh.
+# the run directory and requeues the job (--requeue). Raise the lead time if a validation pass takes
+# longer (sbatch --signal=SIGUSR1@900 ...): the signal is acted on after it. The run directory is
+# trainer.default_root_dir/run_name (lightning_app/run_layout.py). A requeued start (SLURM_RESTART_COUNT > 0)
+# resumes from the newest checkpoint in it (checkpoints/last*.ckpt, hpc_ckpt_*.ckpt); a first start never
+# resumes, and checkpoints of an earlier run in that directory are an error: pass --ckpt_path PATH to continue
+# that run, or a new --run_name. An explicit --ckpt_path is passed on unchanged.
 # The log is appended to across restarts (--open-mode=append).
 #
 # Environment: PYTHON (default: python on PATH, the submitter's environment is exported to the job),
@@ -45,49 +47,22 @@ COMMON=$(dirname "$0")/common.sh
 source "$COMMON"
 shift
 
-# Resume: the newest checkpoint of this run, unless the arguments choose one.
+# Resume only this job's own run (lightning_app/run_layout.py): a restarted job (SLURM_RESTART_COUNT > 0,
+# after a requeue) continues from the newest checkpoint in its run directory; a first start with checkpoints
+# of an earlier run in that directory stops with an error. An explicit --ckpt_path skips all of this.
 RESUME=()
 user_ckpt=0
 for arg in "$@"; do
     [[ $arg == --ckpt_path || $arg == --ckpt_path=* ]] && user_ckpt=1
 done
 if ((user_ckpt == 0)); then
-    # Resolve the run's directories with the CLI itself (--print_config: parses, instantiates nothing).
-    ckpt=$("$PYTHON" - "$CONFIG" "$@" <<'PY'
-import os, re, subprocess, sys
-from pathlib import Path
-
-import yaml
-
-out = subprocess.run([sys.executable, "-m", "lightning_app", "fit", "--config", *sys.argv[1:], "--print_config"],
-                     capture_output=True, text=True)
-if out.returncode != 0:
-    sys.exit(f"cannot resolve the config for resuming (--print_config failed):\n{out.stderr[-3000:]}")
-trainer = yaml.safe_load(out.stdout).get("trainer") or {}
-root = Path(trainer.get("default_root_dir") or os.getcwd())
-callbacks = trainer.get("callbacks") or []
-callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-loggers = trainer.get("logger")
-loggers = loggers if isinstance(loggers, list) else [loggers]
-dirs = [Path(cb["init_args"]["dirpath"]) for cb in callbacks
-        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("ModelCheckpoint")
-        and (cb.get("init_args") or {}).get("dirpath")]
-if not dirs:  # ModelCheckpoint without dirpath: {save_dir}/{name}/version_*/checkpoints of the first logger
-    first = loggers[0] if isinstance(loggers[0], dict) else {}
-    args = first.get("init_args") or {}
-    base = Path(args.get("save_dir") or root) / str(args.get("name") or "lightning_logs")
-    dirs = sorted(base.glob("version_*/checkpoints"))
-found = [p for d in dirs if d.is_dir() for p in d.iterdir() if re.fullmatch(r"last(-\d+)?\.ckpt", p.name)]
-found += [p for p in root.glob("hpc_ckpt_*.ckpt") if re.fullmatch(r"hpc_ckpt_\d+\.ckpt", p.name)]
-if found:
-    print(max(found, key=lambda p: p.stat().st_mtime))
-PY
-    ) || die "could not look for a checkpoint to resume from (see above); pass --ckpt_path to skip the search"
+    ckpt=$("$PYTHON" -m lightning_app.run_layout resume --restart "${SLURM_RESTART_COUNT:-0}" -- --config "$CONFIG" "$@") ||
+        die "not starting (see above)"
     if [[ -n $ckpt ]]; then
         echo "slurm/train.sh: resuming from checkpoint $ckpt"
         RESUME=(--ckpt_path "$ckpt")
     elif ((${SLURM_RESTART_COUNT:-0} > 0)); then
-        echo "slurm/train.sh: restart ${SLURM_RESTART_COUNT} but no checkpoint found: training from the start" >&2
+        echo "slurm/train.sh: restart ${SLURM_RESTART_COUNT} but no checkpoint in the run directory: training from the start" >&2
     fi
 fi
 

@@ -25,21 +25,24 @@ def _small(tmp: Path, name: str, steps: int = 10, every: int = 4) -> list[str]:
         "--data.init_args.batch_size", "8",
         "--data.init_args.val_batch_size", "16",
         "--data.init_args.max_val_questions", "24",
-        "--model.init_args.backbone", str(tmp / "backbone"),
         "--trainer.max_steps", str(steps),
         "--trainer.val_check_interval", str(steps),
         "--trainer.default_root_dir", str(tmp / "runs"),
-        "--trainer.logger.init_args.save_dir", str(tmp / "runs"),
-        "--trainer.logger.init_args.name", name,
-        "--trainer.callbacks.init_args.dirpath", str(tmp / "ckpt" / name),
+        "--run_name", name,
         "--trainer.callbacks.init_args.every_n_train_steps", str(every),
         "--trainer.enable_progress_bar", "false",
     ]
 
 
-def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "lightning_app", *args], cwd=REPO, capture_output=True, text=True,
+def _backbone(tmp: Path) -> Path:
+    """The demo backbone the runs under ``tmp`` built (the layout's cache: runs/demo_backbone/KEY)."""
+    (found,) = (tmp / "runs" / "demo_backbone").iterdir()
+    return found
+
+
+def _run(args: list[str], check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "lightning_app", *args], cwd=cwd, capture_output=True, text=True,
                           env=env, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -68,7 +71,7 @@ def test_demo_fit_then_validate_from_checkpoint(tmp_path: Path) -> None:
     assert set(report["chair"]) >= {"CHAIRs", "CHAIRi", "Recall"} and "accuracy" in report["pope"]["pope"]
     assert "fork->knife" in report["probes"]
     assert (tmp_path / "runs" / "grounded" / "version_0" / "grounding" / "grounding.safetensors").is_file()
-    last = tmp_path / "ckpt" / "grounded" / "last.ckpt"
+    last = tmp_path / "runs" / "grounded" / "checkpoints" / "last.ckpt"
     val = _run(["validate", "--config", "configs/demo.yaml", *_small(tmp_path, "grounded", steps=6), "--ckpt_path", str(last)])
     assert "report:" in val.stdout
     again = _report(tmp_path, "grounded")
@@ -80,6 +83,32 @@ def test_demo_fit_then_validate_from_checkpoint(tmp_path: Path) -> None:
     predictions = sorted((tmp_path / "runs" / "grounded").glob("version_*/predictions.jsonl"))
     rows = [json.loads(line) for line in predictions[-1].read_text().splitlines()]
     assert len(rows) == 10 and [r["caption"] for r in rows[:6]] == [e["caption"] for e in report["examples"]]
+
+
+def test_a_run_writes_only_under_its_root_and_names_never_share_checkpoints(tmp_path: Path) -> None:
+    """``--trainer.default_root_dir T``: logs, report, checkpoints and the demo backbone all land under T; run b,
+    asked to resume (``--ckpt_path last``), does not pick up run a's checkpoint beside it."""
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    config = str(REPO / "configs" / "demo.yaml")
+    first = _run(["fit", "--config", config, *_small(tmp_path, "a", steps=4, every=2), "--trainer.log_every_n_steps", "2"],
+                 cwd=elsewhere)
+    lines = [line for line in first.stdout.splitlines() if line.startswith("step ")]  # stdout is a pipe here
+    assert [line.split(" |")[0] for line in lines] == ["step 2/4 (50%)", "step 4/4 (100%)"], first.stdout[-2000:]
+    assert "train/lm" in lines[-1] and "steps/s" in lines[-1]
+    assert "args parameter" not in first.stderr  # LightningCLI is given the command line once
+    _run(["fit", "--config", config, *_small(tmp_path, "b", steps=3, every=3), "--ckpt_path", "last"], cwd=elsewhere)
+    assert list(elsewhere.iterdir()) == []  # nothing relative to the working directory
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["a", "b", "demo_backbone"]
+    assert (_backbone(tmp_path) / "config.json").is_file()  # one backbone, built once, shared by a and b
+    for name, steps in (("a", 4), ("b", 3)):
+        run = tmp_path / "runs" / name
+        assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "version_0"]
+        version = run / "version_0"
+        assert {"config.yaml", "hparams.yaml", "metrics.csv", "report.json", "report.md", "grounding"} <= {
+            p.name for p in version.iterdir()}
+        assert _report(tmp_path, name)["step"] == steps
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == steps
 
 
 def test_baseline_fit_runs_with_grounding_off(tmp_path: Path) -> None:
@@ -96,13 +125,13 @@ def test_killed_fit_resumes_with_identical_final_metrics(tmp_path: Path) -> None
         "--trainer.callbacks+=tests.cli_helpers.KillAtStep", "--trainer.callbacks.step=7"]
     proc = _run(crashed, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert (tmp_path / "b" / "ckpt" / "grounded" / "last.ckpt").is_file()
+    assert (tmp_path / "b" / "runs" / "grounded" / "checkpoints" / "last.ckpt").is_file()
     assert not list((tmp_path / "b" / "runs" / "grounded").glob("version_*/report.json"))
-    killed_at = torch.load(tmp_path / "b" / "ckpt" / "grounded" / "last.ckpt", weights_only=True)["global_step"]
+    killed_at = torch.load(tmp_path / "b" / "runs" / "grounded" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert killed_at == 5  # resumes mid-epoch from step 5; steps 6-7 were lost with the crash
     _run(base + _small(tmp_path / "b", "grounded", steps=10, every=5) + ["--ckpt_path", "last"])
     resumed = _report(tmp_path / "b", "grounded")
-    final = [torch.load(tmp_path / run / "ckpt" / "grounded" / "last.ckpt", weights_only=True) for run in ("a", "b")]
+    final = [torch.load(tmp_path / run / "runs" / "grounded" / "checkpoints" / "last.ckpt", weights_only=True) for run in ("a", "b")]
     assert final[0]["global_step"] == final[1]["global_step"] == 10
     for name, tensor in final[0]["state_dict"].items():
         assert torch.equal(tensor, final[1]["state_dict"][name]), f"{name} differs after resume"
@@ -126,13 +155,13 @@ def test_lora_run_saves_small_checkpoints_and_validates_from_either(tmp_path: Pa
     lora = ["--model.init_args.lora", json.dumps({"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})]
     _run(["fit", "--config", "configs/demo.yaml", *_small(tmp_path, "lora", steps=4), *lora])
     report = _report(tmp_path, "lora")
-    ckpt = torch.load(tmp_path / "ckpt" / "lora" / "last.ckpt", weights_only=True)
+    ckpt = torch.load(tmp_path / "runs" / "lora" / "checkpoints" / "last.ckpt", weights_only=True)
     keys = list(ckpt["state_dict"])
     assert keys and all("lora_" in k or "grounding_gate" in k for k in keys), keys[:5]  # trainable only
     adapter = tmp_path / "runs" / "lora" / "version_0" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     from_ckpt = _run(["validate", "--config", "configs/demo.yaml", *_small(tmp_path, "lora", steps=4), *lora,
-                      "--ckpt_path", str(tmp_path / "ckpt" / "lora" / "last.ckpt")])
+                      "--ckpt_path", str(tmp_path / "runs" / "lora" / "checkpoints" / "last.ckpt")])
     assert "report:" in from_ckpt.stdout
     assert _report(tmp_path, "lora")["chair"] == report["chair"]
     _run(["validate", "--config", "configs/demo.yaml", *_small(tmp_path, "lora", steps=4),
@@ -142,7 +171,7 @@ def test_lora_run_saves_small_checkpoints_and_validates_from_either(tmp_path: Pa
     assert [e["caption"] for e in again["examples"]] == [e["caption"] for e in report["examples"]]
     from models import GroundedVLM, GroundingConfig
 
-    loaded = GroundedVLM(backbone=str(tmp_path / "backbone"), grounding=GroundingConfig(layers=[-1]), adapter=str(adapter))
+    loaded = GroundedVLM(backbone=str(_backbone(tmp_path)), grounding=GroundingConfig(layers=[-1]), adapter=str(adapter))
     loaded.configure_model()
     state = loaded.state_dict()
     assert any(("lora_B" in k) and ckpt["state_dict"][k].abs().sum() > 0 for k in keys)  # the adapters did train
@@ -173,3 +202,21 @@ def test_in_training_chair_lemma_equals_score_chair_lemma(tmp_path: Path) -> Non
     assert {k: in_training[k] for k in ("CHAIRs", "CHAIRi", "Recall")} == {
         k: scored["lemma"][k] for k in ("CHAIRs", "CHAIRi", "Recall")}
     assert scored["lemma"]["Recall"] != scored["reference"]["Recall"]  # the modes' ground truths differ
+
+
+def test_wandb_logger_runs_offline_without_an_api_key(tmp_path: Path, monkeypatch) -> None:
+    """The wandb extra: a WandbLogger in a config logs offline (no key, no network) under the run's directory,
+    after the layout's CSV logger, whose version directory still holds the report."""
+    pytest.importorskip("wandb")
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: any upload would fail
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    proc = _run(["fit", "--config", "configs/demo.yaml", *_small(tmp_path, "wandb", steps=3),
+                 "--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.project", "grounded-test"])
+    run = tmp_path / "runs" / "wandb"
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert list(offline[0].glob("run-*.wandb")) and (offline[0] / "files").is_dir()
+    assert (offline[0] / "run-" f"{offline[0].name.rsplit('-', 1)[-1]}.wandb").stat().st_size > 0
+    assert _report(tmp_path, "wandb")["step"] == 3  # the CSV logger's version directory

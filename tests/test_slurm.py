@@ -75,12 +75,12 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _overrides(shared: Path, run: Path) -> list[str]:
-    """Shrink configs/demo.yaml to seconds; every path it writes goes under the test's directories."""
+    """Shrink configs/demo.yaml to seconds; the run writes under ``run/runs`` (run directory ``run/runs/grounded``)."""
     return [
         "--data.init_args.world.root", str(shared / "world"),
         "--data.init_args.world.num_train", "64",
         "--data.init_args.world.num_val", "8",
-        "--model.init_args.backbone", str(shared / "backbone"),
+        "--model.init_args.backbone", str(shared / "backbone"),  # built by the first job, shared by the others
         "--data.init_args.batch_size", "8",
         "--data.init_args.val_batch_size", "8",
         "--data.init_args.max_val_questions", "16",
@@ -89,19 +89,20 @@ def _overrides(shared: Path, run: Path) -> list[str]:
         "--trainer.max_steps", str(STEPS),
         "--trainer.val_check_interval", str(STEPS),
         "--trainer.default_root_dir", str(run / "runs"),
-        "--trainer.logger.init_args.save_dir", str(run / "runs"),
-        "--trainer.callbacks.init_args.dirpath", str(run / "ckpt"),
         "--trainer.callbacks.init_args.every_n_train_steps", str(EVERY),
         "--trainer.enable_progress_bar", "false",
     ]
 
 
-def _sbatch(env: dict, run: Path, shared: Path, wait: bool, script: Path = TRAIN, extra: tuple = ()) -> tuple[int, str]:
-    """Submit a 2-task DDP job; returns (sbatch return code, job id or output)."""
-    run.mkdir(parents=True, exist_ok=True)
+def _sbatch(env: dict, run: Path, shared: Path, wait: bool, script: Path = TRAIN, extra: tuple = (),
+            log_dir: Path | None = None) -> tuple[int, str]:
+    """Submit a 2-task DDP job writing under ``run``; returns (sbatch return code, job id or output)."""
+    log_dir = log_dir or run
+    for folder in (run, log_dir):
+        folder.mkdir(parents=True, exist_ok=True)
     cmd = ["sbatch", "--parsable", "--ntasks-per-node=2", "--time=00:03:00", "--signal=SIGUSR1@10",
            f"--job-name=test-{script.stem}",
-           f"--output={run}/slurm-%j.out", *(["--wait"] if wait else []),
+           f"--output={log_dir}/slurm-%j.out", *(["--wait"] if wait else []),
            str(script), "configs/demo.yaml", *_overrides(shared, run), *extra]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     return proc.returncode, (proc.stdout.strip().splitlines() or [""])[0] or proc.stderr
@@ -115,6 +116,10 @@ def _report(run: Path, version: int) -> dict:
     path = run / "runs" / "grounded" / f"version_{version}" / "report.json"
     assert path.is_file(), f"no {path}; runs: {sorted(str(p) for p in (run / 'runs').rglob('*.json'))}"
     return json.loads(path.read_text())
+
+
+def _ckpt(run: Path) -> Path:
+    return run / "runs" / "grounded" / "checkpoints" / "last.ckpt"
 
 
 def _state(env: dict, job: str) -> str:
@@ -149,7 +154,7 @@ def test_two_task_ddp_job_trains_checkpoints_and_reports(reference: Path) -> Non
     assert "distributed_backend=gloo" in log and "Starting with 2 processes" in log
     assert "SLURM auto-requeueing enabled" in log  # Lightning saw SLURMEnvironment
     assert "resuming from checkpoint" not in log  # nothing to resume from on a first start
-    ckpt = torch.load(reference / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    ckpt = torch.load(_ckpt(reference), weights_only=True, map_location="cpu")
     assert ckpt["global_step"] == STEPS
     report = _report(reference, 0)
     assert report["step"] == STEPS
@@ -165,7 +170,7 @@ def test_requeued_job_resumes_and_matches_the_uninterrupted_run(cluster: dict, s
     run = tmp_path / "preempted"
     rc, job = _sbatch(cluster, run, shared, wait=False)
     assert rc == 0 and job.isdigit(), job
-    ckpt = run / "ckpt" / "last.ckpt"
+    ckpt = _ckpt(run)
     deadline = time.monotonic() + 150
     while not ckpt.exists():
         assert time.monotonic() < deadline, f"no checkpoint after 150 s ({_state(cluster, job)})\n{_log(run)[-4000:]}"
@@ -191,7 +196,7 @@ def test_requeued_job_resumes_and_matches_the_uninterrupted_run(cluster: dict, s
     resumed, uninterrupted = _report(run, 1), _report(reference, 0)
     assert resumed["step"] == uninterrupted["step"] == STEPS
     final = torch.load(ckpt, weights_only=True, map_location="cpu")
-    expected = torch.load(reference / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    expected = torch.load(_ckpt(reference), weights_only=True, map_location="cpu")
     assert final["global_step"] == expected["global_step"] == STEPS
     # the stateful loader resumes mid-epoch with exactly the batches not yet trained on: same weights, same report
     for name, tensor in expected["state_dict"].items():
@@ -204,7 +209,7 @@ def test_validate_sh_reproduces_the_report_from_the_checkpoint(cluster: dict, sh
                                                                tmp_path: Path) -> None:
     run = tmp_path / "validate"
     rc, out = _sbatch(cluster, run, shared, wait=True, script=VALIDATE,
-                      extra=("--ckpt_path", str(reference / "ckpt" / "last.ckpt")))
+                      extra=("--ckpt_path", str(_ckpt(reference))))
     log = _log(run)
     assert rc == 0, f"sbatch --wait returned {rc}: {out}\n{log[-6000:]}"
     assert "1 node(s) x 2 task(s)" in log and "Starting with 2 processes" in log
@@ -233,16 +238,38 @@ def test_sigusr1_before_the_time_limit_checkpoints_at_a_step_boundary_requeues_a
         time.sleep(0.5)
     log = _log(run)
     assert state.startswith("COMPLETED") and "restarts=1" in state, f"{state}\n{log[-6000:]}"
-    hpc = run / "runs" / "hpc_ckpt_1.ckpt"
+    hpc = run / "runs" / "grounded" / "hpc_ckpt_1.ckpt"
     assert "SIGUSR1 received: saving" in log and f"requeued SLURM job {job}" in log, log[-6000:]
     assert "Handling auto-requeue signal" not in log  # Lightning's in-handler save did not run
     assert f"resuming from checkpoint {hpc}" in log and f"Restored all states from the checkpoint at {hpc}" in log
     assert 0 < torch.load(hpc, weights_only=True, map_location="cpu")["global_step"] < STEPS
     resumed, uninterrupted = _report(run, 1), _report(reference, 0)
     assert resumed["step"] == uninterrupted["step"] == STEPS
-    final = torch.load(run / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
-    expected = torch.load(reference / "ckpt" / "last.ckpt", weights_only=True, map_location="cpu")
+    final = torch.load(_ckpt(run), weights_only=True, map_location="cpu")
+    expected = torch.load(_ckpt(reference), weights_only=True, map_location="cpu")
     assert final["global_step"] == STEPS
     for name, tensor in expected["state_dict"].items():
         assert torch.equal(tensor, final["state_dict"][name]), f"{name} differs after the signal and resume"
     assert resumed["chair"] == uninterrupted["chair"] and resumed["pope"] == uninterrupted["pope"]
+
+
+def test_a_new_job_beside_a_finished_run_does_not_resume_it(cluster: dict, shared: Path, reference: Path,
+                                                            tmp_path: Path) -> None:
+    """A first start in the finished run's directory stops with an error (nothing trained, nothing overwritten);
+    with a new run name beside it, the job trains from the start."""
+    before = _ckpt(reference).stat().st_mtime_ns
+    rc, out = _sbatch(cluster, reference, shared, wait=True, log_dir=tmp_path / "again")
+    log = _log(tmp_path / "again")
+    assert rc != 0, f"a job over the finished run should fail\n{log[-4000:]}"
+    assert "already holds checkpoints of an earlier run" in log and "--run_name" in log, log[-4000:]
+    assert "resuming from checkpoint" not in log and "Restored all states" not in log
+    assert _ckpt(reference).stat().st_mtime_ns == before
+    rc, out = _sbatch(cluster, reference, shared, wait=True, log_dir=tmp_path / "fresh",
+                      extra=("--run_name", "fresh", "--trainer.max_steps", "5", "--trainer.val_check_interval", "5"))
+    log = _log(tmp_path / "fresh")
+    assert rc == 0, f"sbatch --wait returned {rc}: {out}\n{log[-6000:]}"
+    assert "resuming from checkpoint" not in log and "Restored all states" not in log
+    fresh = reference / "runs" / "fresh"
+    assert torch.load(fresh / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == 5
+    assert json.loads((fresh / "version_0" / "report.json").read_text())["step"] == 5
+    assert _ckpt(reference).stat().st_mtime_ns == before
