@@ -27,7 +27,6 @@ it is None). Numbers are therefore close to, not identical with, the official sc
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from metrics.english import singularize_lemma
-from metrics.io import read_records, require_key
+from metrics.io import read_json, read_records, require_key
 from metrics.text import word_tokenize
 
 __all__ = ["AMBER", "AmberAnnotations", "amber", "load_amber_annotations", "read_amber_responses"]
@@ -68,14 +67,14 @@ def load_amber_annotations(
     annotations: str | Path, relation: str | Path, safe_words: str | Path
 ) -> AmberAnnotations:
     """Read AMBER's ``annotations.json``, ``relation.json`` and ``safe_words.txt``."""
-    entries = json.loads(Path(annotations).read_text(encoding="utf-8"))
+    entries = read_json(annotations)
     truth, hallu = {}, {}
     for index, entry in enumerate(entries):
         if entry.get("type") == "generative":
             qid = int(entry.get("id", index + 1))
             truth[qid] = tuple(entry["truth"])
             hallu[qid] = tuple(entry["hallu"])
-    association = {k: tuple(v) for k, v in json.loads(Path(relation).read_text(encoding="utf-8")).items()}
+    association = {k: tuple(v) for k, v in read_json(relation).items()}
     safe = frozenset(line.strip() for line in Path(safe_words).read_text(encoding="utf-8").splitlines() if line.strip())
     return AmberAnnotations(truth, hallu, association, safe)
 

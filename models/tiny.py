@@ -228,7 +228,8 @@ def tiny_inputs(
     attention_mask = torch.ones_like(input_ids)
     if left_pad:
         # row i: drop its first left_pad[i] prompt tokens and put that many pads on the left instead
-        assert max(left_pad) <= text_before, "left_pad must not exceed text_before"
+        if len(left_pad) != batch or max(left_pad) > text_before or min(left_pad) < 0:
+            raise ValueError(f"left_pad must give 0..{text_before} (text_before) pads for each of {batch} rows, got {left_pad}")
         for i, n in enumerate(left_pad):
             input_ids[i] = torch.cat([torch.full((n,), PAD_TOKEN_ID), input_ids[i, n:]])
             attention_mask[i, :n] = 0
@@ -255,8 +256,8 @@ def write_tiny_backbone(family: str, directory: str | Path, texts: Iterable[str]
     """A complete tiny substitute for a hub backbone: random model, tokenizer trained on ``texts``, processor.
 
     ``directory`` then loads like ``llava-hf/llava-1.5-7b-hf`` or ``Salesforce/blip2-flan-t5-xl`` (model and
-    processor through ``from_pretrained``): pass it as ``--model.init_args.backbone`` and
-    ``--data.init_args.processor`` to run a cluster config end to end on a CPU.
+    processor through ``from_pretrained``): pass it as ``--model.init_args.backbone`` (the CLI gives
+    ``data.processor`` the same directory) to run a cluster config end to end on a CPU.
     """
     from transformers import (
         Blip2Processor,

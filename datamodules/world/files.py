@@ -52,7 +52,8 @@ def _init_worker(world: World) -> None:
 
 
 def _worker_task(task: tuple[str, int]) -> _ImageRecord:
-    assert _WORKER_WORLD is not None, "worker not initialised"
+    if _WORKER_WORLD is None:
+        raise RuntimeError("world worker process used before _init_worker")
     return _make_image(_WORKER_WORLD, *task)
 
 
@@ -143,7 +144,7 @@ def _prepare_root(config: WorldConfig, overwrite: bool) -> bool:
     root = config.root
     meta = root / "world.json"
     if meta.exists():
-        differences = _config_differences(json.loads(meta.read_text(encoding="utf-8")), config)
+        differences = _config_differences(read_json(meta), config)
         if not differences:
             return True
         if not overwrite:
@@ -201,7 +202,7 @@ def load_world_config(root: str | Path) -> WorldConfig:
     meta = Path(root) / "world.json"
     if not meta.exists():
         raise FileNotFoundError(f"{meta} not found: no complete world at {root} (run generate_world first)")
-    stored = json.loads(meta.read_text(encoding="utf-8"))
+    stored = read_json(meta)
     if stored.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{meta}: format_version {stored.get('format_version')!r}, this code reads {FORMAT_VERSION}")
     return WorldConfig.from_dict({**stored["config"], "root": Path(root)})
