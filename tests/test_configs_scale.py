@@ -140,15 +140,22 @@ def small_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[st
     return world, CaptionPairsDataModule(processor="unused", world=WorldConfig(**world))._world_texts()
 
 
+def _data_settings(path: Path) -> dict:
+    """``data.init_args`` of a config, an overlay's (``config: BASE``) on top of its base's."""
+    import yaml
+
+    content = yaml.safe_load(path.read_text())
+    base = _data_settings(path.parent / content["config"]) if "config" in content else {}
+    return {**base, **((content.get("data") or {}).get("init_args") or {})}
+
+
 @pytest.mark.parametrize("config", sorted(FAMILIES))
 def test_cluster_config_trains_and_validates_with_a_tiny_substitute(config: str, small_world, tmp_path: Path,
                                                                    monkeypatch) -> None:
     """Two optimizer steps of the config's own recipe (LoRA, grounding terms with negatives, gradient checkpointing,
     its prompts), then validation: a report, the small adapter directory and finite losses of every term."""
-    import yaml
-
     world, texts = small_world
-    settings = yaml.safe_load((REPO / "configs" / config).read_text())["data"]["init_args"]
+    settings = _data_settings(REPO / "configs" / config)
     prompts = [settings[k] for k in ("caption_prompt", "val_caption_prompt", "question_prompt", "question_suffix")]
     tiny = tmp_path / "tiny"
     _write_tiny(FAMILIES[config][0], tiny, texts + prompts)
