@@ -7,7 +7,8 @@ Repetitions are interleaved (greedy, beam, vcd, ..., greedy, beam, ...) so drift
 the median and prints, measured in one run:
 
 - ``speedup``: captions/s at the large batch / captions/s at batch 1 (target >= 8 on the 8-layer preset);
-- ``cost``: seconds of the method / seconds of greedy at the same batch;
+- ``cost``: seconds of the method / seconds of greedy at the same batch (``grounded``, ours: / greedy on the same
+  model grounded on its last layer with candidate-word scores; issue target <= 1.3);
 - ``passes``: forward passes per caption relative to greedy (the cost when a step is latency-bound, batch 1);
 - ``work``: token-forwards relative to greedy (rows x tokens through the model, the cost when compute-bound);
 - ``cost/theory``: cost / passes at batch 1 and cost / work at the large batch (target within 1.2x).
@@ -128,19 +129,47 @@ def timed(fn: Callable[[], object], clock: Callable[[], float]) -> float:
     return clock() - start
 
 
+GROUNDED_GREEDY = "greedy on the grounded model"
+
+
+def word_scored(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` grounded on its last layer with candidate-word scores and an object-word table of 80
+    distinct token ids (one per COCO category): the model ``grounded`` decoding needs (random weights)."""
+    import copy
+
+    from models.backbones import add_grounding
+    from models.grounding import GroundingConfig
+    from models.word_grounding import ObjectWords, set_object_words
+    from metrics.coco_objects import COCO_CATEGORIES
+
+    grounded = add_grounding(copy.deepcopy(model), GroundingConfig(layers=[-1], word_score=True)).eval()
+    vocab = grounded.get_input_embeddings().weight.shape[0]
+    tokens = tuple(range(5, 5 + min(80, vocab - 5)))
+    set_object_words(grounded, ObjectWords(tuple(COCO_CATEGORIES), tokens, tuple(range(len(tokens)))))
+    return grounded
+
+
 def measure(bench: Bench, batch: int, methods: list[str], new: int, reps: int, clock: Callable[[], float]
             ) -> dict[str, float]:
-    """Median seconds per method at ``batch``, repetitions interleaved over the methods."""
+    """Median seconds per method at ``batch``, repetitions interleaved over the methods.
+
+    Methods that need candidate-word scores (``grounded``) run on ``word_scored(bench.model)``, and greedy on that
+    same model is timed too (``GROUNDED_GREEDY``): their cost is relative to it."""
     inputs = bench.inputs(batch)
+    grounded = word_scored(bench.model) if any(METHODS[m].word_score for m in methods) else None
     runs = {}
     for name in methods:
         settings = METHODS[name].settings()
-        runs[name] = (lambda f=METHODS[name].fn, s=settings: f(bench.model, inputs, s, max_new_tokens=new,
-                                                                pad_token_id=0, eos_token_id=None))
+        model = grounded if METHODS[name].word_score else bench.model
+        runs[name] = (lambda f=METHODS[name].fn, s=settings, m=model: f(m, inputs, s, max_new_tokens=new,
+                                                                         pad_token_id=0, eos_token_id=None))
+    if grounded is not None:
+        runs[GROUNDED_GREEDY] = lambda: METHODS["greedy"].fn(grounded, inputs, METHODS["greedy"].settings(),
+                                                             max_new_tokens=new, pad_token_id=0, eos_token_id=None)
     runs["greedy"]()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in methods}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(reps):
-        for name in methods:
+        for name in runs:
             times[name].append(timed(runs[name], clock))
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -153,7 +182,8 @@ def report(bench: Bench, batches: list[int], methods: list[str], new: int, reps:
     for name in methods:
         passes, work = theory(name, METHODS[name].settings(), bench.prompt_tokens, bench.text_tokens, new)
         rate = {b: b / seconds[b][name] for b in batches}
-        cost = {b: seconds[b][name] / seconds[b]["greedy"] for b in batches}
+        base = GROUNDED_GREEDY if METHODS[name].word_score else "greedy"
+        cost = {b: seconds[b][name] / seconds[b][base] for b in batches}
         rows.append(dict(method=name, small=rate[small], large=rate[large], speedup=rate[large] / rate[small],
                          cost_small=cost[small], cost_large=cost[large], passes=passes, work=work,
                          fit_small=cost[small] / passes, fit_large=cost[large] / work))

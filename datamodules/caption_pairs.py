@@ -17,12 +17,14 @@ import hashlib
 import json
 import logging
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.collate import Collator, decoder_start_token_id
+from datamodules.cooccurrence import CooccurrenceNegatives
 from datamodules.evaluation import ChairMode, EvaluationSpec, evaluation_loaders
 from datamodules.loaders import ResumableLoader, ResumableSampler, RowDataset
 from datamodules.negatives import ALL_KINDS
@@ -70,6 +72,9 @@ class CaptionPairsDataModule(LightningDataModule):
         negative_kinds: kinds of negatives made from COCO captions.
         negative_fraction: share of caption rows that carry a negative (each one costs a forward/backward pass
             of the grounding terms); the rest train the LM and the positive grounding term only.
+        cooccurrence: co-occurrence hard negatives (``datamodules.cooccurrence.CooccurrenceNegatives``): the
+            likely companion of a present anchor written into captions of images without it. Needs instance
+            annotations (not ``pairs_file``).
         batch_size, val_batch_size: global batch sizes (divided by the world size).
         max_val_images, max_val_questions: cap validation work (first N, deterministic).
         val_image_ids: file of the evaluation split's image ids to caption (one per line, or a JSON list), e.g.
@@ -100,6 +105,7 @@ class CaptionPairsDataModule(LightningDataModule):
         question_suffix: str = " Answer yes or no.",
         negative_kinds: list[str] | None = None,
         negative_fraction: float = 1.0,
+        cooccurrence: CooccurrenceNegatives | None = None,
         batch_size: int = 32,
         val_batch_size: int = 64,
         num_workers: int = 0,
@@ -142,6 +148,11 @@ class CaptionPairsDataModule(LightningDataModule):
         if not 0.0 <= negative_fraction <= 1.0:
             raise ValueError(f"data.negative_fraction must be in [0, 1], got {negative_fraction}")
         self.negative_fraction = negative_fraction
+        if cooccurrence is not None and pairs_file is not None:
+            raise ValueError("data.cooccurrence mines companions from instance annotations, which data.pairs_file "
+                             "does not have: use data.coco_dir (or data.world), or set data.cooccurrence null")
+        self.cooccurrence = cooccurrence
+        self._presence: tuple[tuple[str, ...], dict[int, frozenset[str]]] | None = None
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.max_val_images, self.max_val_questions = max_val_images, max_val_questions
         self.val_caption_prompt = val_caption_prompt if val_caption_prompt is not None else caption_prompt
@@ -191,6 +202,8 @@ class CaptionPairsDataModule(LightningDataModule):
         digest = hashlib.sha256(f"pairs v{CACHE_VERSION}".encode())
         settings = [self.caption_prompt, self.question_prompt, self.question_suffix, self.negative_kinds, self.negative_fraction,
                     self.questions, self.train_questions_per_image, self.skip_missing, self.seed, str(self.image_dir)]
+        if self.cooccurrence is not None:  # (absent: the key of earlier caches stays valid)
+            settings.append(asdict(self.cooccurrence))
         digest.update(json.dumps(settings).encode())
         for path in sources:
             stat = path.stat()
@@ -225,7 +238,7 @@ class CaptionPairsDataModule(LightningDataModule):
         else:
             rows, skipped = caption_rows(
                 self.coco_dir, self.train_split, self.image_dir / self.train_split, self.caption_prompt, rng,
-                self.negative_kinds, self.skip_missing, checked, self.negative_fraction,
+                self.negative_kinds, self.skip_missing, checked, self.negative_fraction, self.cooccurrence,
             )
         if use_questions:
             q_rows, q_skipped = question_rows(
@@ -316,7 +329,8 @@ class CaptionPairsDataModule(LightningDataModule):
         return ResumableLoader(
             dataset, batch_size=self._per_device(self.batch_size), sampler=sampler, drop_last=True,
             num_workers=self.num_workers, trainer=trainer,
-            collate_fn=Collator(self.processor, "train", decoder_start_token_id(self.processor_path)),
+            collate_fn=Collator(self.processor, "train", decoder_start_token_id(self.processor_path),
+                                *self.object_presence()),
         )
 
     def _generation_loader(self, rows: list[dict]) -> DataLoader:
@@ -346,7 +360,20 @@ class CaptionPairsDataModule(LightningDataModule):
         _, questions = self._stage_rows(stage)
         ground_truth = build_coco_ground_truth(self.coco_dir, mode=chair_mode, cache_dir=self.cache_dir or self.coco_dir / ".cache")
         probes = tuple((anchor, companion) for anchor, companion, _ in self.world.bias) if self.world is not None else ()
-        return EvaluationSpec(ground_truth=ground_truth, question_sets=tuple(questions), probes=probes)
+        return EvaluationSpec(ground_truth=ground_truth, question_sets=tuple(questions), probes=probes,
+                              categories=self.object_presence()[0])
+
+    def object_presence(self) -> tuple[tuple[str, ...], dict[int, frozenset[str]] | None]:
+        """(the training split's object categories, sorted; image id -> categories shown) from its instance
+        annotations: the vocabulary and labels of the candidate-word score. ``((), None)`` without them."""
+        if self._presence is None:
+            if self.coco_dir is None:
+                self._presence = ((), None)
+            else:
+                _, present, _ = coco_split(self.coco_dir, self.train_split)
+                categories = tuple(sorted(set().union(*present.values())))
+                self._presence = (categories, {int(i): frozenset(names) for i, names in present.items()})
+        return self._presence
 
     def _stage_rows(self, stage: str) -> tuple[list[dict], dict[str, list[dict]]]:
         """(captioning rows, question rows by set name) that ``stage`` evaluates, loaded on first use."""

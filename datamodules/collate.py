@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,11 +21,14 @@ class Collator:
     object labels sit on the decoder positions whose input is the word, as in the decoder-only layout. Rows
     with a negative add ``neg_*`` inputs (the negative caption in the same layout; the model inputs the
     negative pass shares with the positive one are taken at ``neg_index``) with 1/0 labels (grounded /
-    hallucinated object words). ``generate``: left-padded prompts.
+    hallucinated object words). With ``categories`` and ``presence`` (image id -> categories shown), training batches
+    also carry ``object_presence`` (B, C) and ``object_presence_known`` (B,). ``generate``: left-padded prompts.
     """
 
-    def __init__(self, processor: Any, mode: str, decoder_start_token_id: int | None = None) -> None:
+    def __init__(self, processor: Any, mode: str, decoder_start_token_id: int | None = None,
+                 categories: Sequence[str] = (), presence: Mapping[int, frozenset[str]] | None = None) -> None:
         self.processor, self.mode, self.decoder_start = processor, mode, decoder_start_token_id
+        self.categories, self.presence = tuple(categories), presence
         self.tokenizer = processor.tokenizer
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
@@ -80,6 +83,10 @@ class Collator:
                 neg_index.append(i)
         layout = self._decoder_only if self.decoder_start is None else self._encoder_decoder
         batch = {**layout(prompts, targets, objects), "pixel_values": pixel_values, **extra}
+        if self.presence is not None and self.categories:  # labels of the candidate-word score (B, C), rows known (B,)
+            shown = [self.presence.get(r.get("image_id", -1)) for r in rows]
+            batch["object_presence"] = torch.tensor([[c in (names or ()) for c in self.categories] for names in shown])
+            batch["object_presence_known"] = torch.tensor([names is not None for names in shown])
         if negatives:
             inputs = layout([prompts[i] for i in neg_index], negatives, neg_objects)
             batch["neg_object_labels"] = inputs.pop("object_labels")

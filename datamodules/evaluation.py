@@ -28,11 +28,13 @@ class EvaluationSpec:
             that was asked for (``metrics.chair_gt``).
         question_sets: names of the yes/no question sets (each one POPE metric), in loader order.
         probes: (anchor, companion) pairs whose companion hallucination the report tracks.
+        categories: the dataset's object categories (COCO names): the vocabulary of candidate-word scores.
     """
 
     ground_truth: Mapping[int | str, frozenset[str]]
     question_sets: tuple[str, ...] = ()
     probes: tuple[tuple[str, str], ...] = ()
+    categories: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(set(self.question_sets)) != len(self.question_sets):

@@ -43,9 +43,10 @@ __all__ = [
     "positive_label_spans",
 ]
 
-Kind = Literal["object_swap", "object_insertion", "attribute_swap", "count_change"]
+Kind = Literal["object_swap", "object_insertion", "attribute_swap", "count_change", "cooccurrence"]
 ALL_KINDS: tuple[Kind, ...] = ("object_swap", "object_insertion", "attribute_swap", "count_change")
-OBJECT_KINDS: tuple[Kind, ...] = ("object_swap", "object_insertion")
+# "cooccurrence" (datamodules.cooccurrence) is an insertion of a mined companion: labelled like the object kinds
+OBJECT_KINDS: tuple[Kind, ...] = ("object_swap", "object_insertion", "cooccurrence")
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,8 @@ def _object_swap(
 
 
 def _object_insertion(
-    source: str, words: list[Word], found: list[Found], absent: list[str], rng: random.Random
+    source: str, words: list[Word], found: list[Found], absent: list[str], rng: random.Random,
+    kind: Kind = "object_insertion",
 ) -> Negative | None:
     categories = _categories(found)
     choices = [c for c in absent if _category_form(c, False) is not None]
@@ -213,7 +215,7 @@ def _object_insertion(
             noun = _category_form(new, False) or ""
             phrase = f"{indefinite_article(noun)} {noun}"
             inserted = f" and {phrase}" if after else f"{phrase} and "
-            negative = _negative(source, "object_insertion", [(at, at, inserted)], (new,))
+            negative = _negative(source, kind, [(at, at, inserted)], (new,))
             if _check(negative, [*categories[:index], new, *categories[index:]], index):
                 return negative
     return None

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from datamodules.cooccurrence import CooccurrenceNegatives, cooccurrence_negative, likely_absent, mine_cooccurrence
 from datamodules.mentions import find_object_mentions
 from datamodules.negatives import make_negative, negative_label_spans
 from metrics.io import instance_objects, load_instances, read_json, read_records
@@ -115,14 +116,18 @@ def _spans(items: Sequence) -> list[list[int]]:
 def caption_rows(
     coco_dir: Path, split: str, image_dir: Path, prompt: str, rng: random.Random, kinds: Sequence[str],
     skip_missing: bool, checked: dict[str, bool], negative_fraction: float = 1.0,
+    cooccurrence: CooccurrenceNegatives | None = None,
 ) -> tuple[list[dict], int]:
     """Training rows from COCO captions: positive, its object spans and one negative (if one applies).
 
-    A share ``negative_fraction`` of the rows (drawn from ``rng``) gets a negative. ``checked`` caches image
-    checks by path (shared with the question rows).
+    With ``cooccurrence``, a row whose image lacks a likely companion of a present anchor gets a co-occurrence
+    negative with probability ``cooccurrence.share`` (:mod:`datamodules.cooccurrence`). Otherwise a share
+    ``negative_fraction`` of the rows (drawn from ``rng``) gets a random negative. ``checked`` caches image checks
+    by path (shared with the question rows).
     """
     files, present, annotations = coco_split(coco_dir, split)
     vocabulary = sorted(set().union(*present.values()))  # swap in the dataset's own categories
+    table = mine_cooccurrence(present) if cooccurrence is not None else {}
     rows, skipped = [], 0
     for ann in annotations:
         image_id = ann["image_id"]
@@ -135,8 +140,13 @@ def caption_rows(
         caption = ann["caption"].strip()
         mentions = find_object_mentions(caption)
         seen = present[image_id] | {m.category for m in mentions}  # a caption's own mentions are grounded
-        wanted = negative_fraction >= 1.0 or rng.random() < negative_fraction
-        negative = make_negative(caption, seen, rng, kinds=kinds, vocabulary=vocabulary) if wanted else None
+        negative = None
+        companions = likely_absent(table, seen, cooccurrence.min_probability) if table else []
+        if companions and rng.random() < cooccurrence.share:
+            negative = cooccurrence_negative(caption, companions, rng)
+        if negative is None:
+            wanted = negative_fraction >= 1.0 or rng.random() < negative_fraction
+            negative = make_negative(caption, seen, rng, kinds=kinds, vocabulary=vocabulary) if wanted else None
         grounded = [(m.start, m.end) for m in mentions]
         rows.append(
             {

@@ -243,7 +243,8 @@ def add_grounding(model: PreTrainedModel, config: GroundingConfig | None = None)
     param = next(model.parameters())
     for layer in sorted(selected):
         attn = attns[layer]
-        gate = GroundingGate(config, _feature_dim(attn, config.feature, language_model))
+        embed = language_model.get_input_embeddings().embedding_dim if config.word_score else None
+        gate = GroundingGate(config, _feature_dim(attn, config.feature, language_model), embed)
         attn.add_module(GATE_ATTR, gate.to(device=param.device))
         meta = GroundingMeta(layer, config.score, config.feature, cross, enabled=config.enabled)
         setattr(attn, META_ATTR, meta)

@@ -51,6 +51,10 @@ class GroundingConfig:
         init_bias: initial ``bias``.
         learnable_gate: train ``scale`` and ``bias`` (else they stay fixed buffers).
         mlp_hidden: hidden width of the ``learnable`` score's MLP.
+        word_score: add the candidate-word score (:mod:`models.word_grounding`): each object word's input
+            embedding, projected into this layer's feature space, against the image keys; it scores a word
+            before the word is emitted (trained by ``objective.lambda_word``, used by ``generation.method:
+            grounded``).
     """
 
     enabled: bool = True
@@ -61,6 +65,7 @@ class GroundingConfig:
     init_bias: float = 3.0
     learnable_gate: bool = True
     mlp_hidden: int = 64
+    word_score: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -78,6 +83,8 @@ class GroundingConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"GroundingConfig.{name} must be a finite number, got {value!r}")
+        if not isinstance(self.word_score, bool):
+            raise ValueError(f"GroundingConfig.word_score must be a bool, got {self.word_score!r}")
         if not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1:
             raise ValueError(f"GroundingConfig.mlp_hidden must be a positive int, got {self.mlp_hidden!r}")
 
@@ -85,7 +92,7 @@ class GroundingConfig:
 class GroundingGate(nn.Module):
     """Per-layer gate parameters (``g = sigmoid(scale * G + bias)``) and the MLP of the learnable score."""
 
-    def __init__(self, config: GroundingConfig, feature_dim: int) -> None:
+    def __init__(self, config: GroundingConfig, feature_dim: int, embed_dim: int | None = None) -> None:
         super().__init__()
         scale = torch.tensor([float(config.init_scale)])  # (1,): DeepSpeed ZeRO-3 cannot partition 0-d parameters
         bias = torch.tensor([float(config.init_bias)])
@@ -95,6 +102,11 @@ class GroundingGate(nn.Module):
         else:
             self.register_buffer("scale", scale)
             self.register_buffer("bias", bias)
+        self.word_proj: nn.Module | None = None
+        if config.word_score:  # candidate-word score: word_scale * max_p cos(word_proj(e_w), f_p) + word_bias
+            self.word_proj = nn.Linear(embed_dim or feature_dim, feature_dim, bias=False)
+            self.word_scale = nn.Parameter(torch.tensor([5.0]))
+            self.word_bias = nn.Parameter(torch.tensor([-2.0]))
         self.mlp: nn.Module | None = None
         if config.score == "learnable":
             self.mlp = nn.Sequential(
@@ -135,6 +147,7 @@ class GroundingRecorder:
     def __init__(self) -> None:
         self.calls: dict[int, list[Tensor]] = {}
         self.logits: dict[int, list[Tensor]] = {}  # gate logits scale * G + bias, NaN where undefined
+        self.images: dict[int, list[tuple[Tensor, Tensor]]] = {}  # per call: (B, P, D) image-key features, (B, P) valid
         self._token: contextvars.Token | None = None
 
     def add(self, layer: int, scores: Tensor, logits: Tensor) -> None:
@@ -151,6 +164,7 @@ class GroundingRecorder:
     def clear(self) -> None:
         self.calls.clear()
         self.logits.clear()
+        self.images.clear()
 
     def forward_scores(self, layer: int) -> Tensor:
         """The (B, T) scores of a single forward pass."""
@@ -374,7 +388,8 @@ def grounded_attention_forward(
     # image-key features are fixed once computed: reuse them across decoding steps (inference only)
     inference = not torch.is_grad_enabled()
     cached = state._features.get(meta.layer) if inference else None
-    if cached is not None and cached.shape[0] == b and (meta.cross or t < s):
+    fresh = not (cached is not None and cached.shape[0] == b and (meta.cross or t < s))
+    if not fresh:
         f_img = cached
     else:
         f_img = _image_features(meta, query, key, value, positions, hidden, key_hidden)  # (B, P, D)
@@ -409,6 +424,8 @@ def grounded_attention_forward(
         out = _attended(module, query, key, v_img, attention_mask, attn_kwargs).float()  # (B, T, D+1)
         mass = out[..., -1:].clamp_min(1e-6)  # attention on image keys
         score = gate.learned_score(F.normalize(f_q, dim=-1), F.normalize(out[..., :-1] / mass, dim=-1))
+    if state.recorder is not None and state.recording and fresh:  # the prefill's (or training pass's) image keys
+        state.recorder.images.setdefault(meta.layer, []).append((f_img, pos_valid))
     logit = gate(score)  # (B, T)
     log_g = F.logsigmoid(logit).masked_fill(~valid, 0.0)  # 0 = no change for image/imageless queries
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from datamodules.evaluation import EvaluationSource, EvaluationSpec
 from models.backbones import save_grounding
+from models.decoding import DecodingSettings, decode
 from models.grounding import GroundingConfig, GroundingRecorder
 from models.loading import (
     BackboneSettings,
@@ -35,18 +36,36 @@ from models.loading import (
     trainable_names,
     zero3_config,
 )
-from models.objective import ObjectiveConfig, contrastive_loss, grounding_loss, lm_loss, masked_mean, nanmean_layers
+from models.objective import (
+    ObjectiveConfig,
+    contrastive_loss,
+    grounding_loss,
+    lm_loss,
+    masked_mean,
+    check_objective,
+    nanmean_layers,
+    negative_lm_loss,
+)
+from models.word_grounding import ObjectWords, object_words, set_object_words, word_logits, word_loss
 from models.report import annotated_examples, logged_metrics, probe_rates, write_report
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class GenerationSettings:
+class GenerationSettings(DecodingSettings):
+    """How validation, test and predict decode: lengths, the method (``models.decoding.METHODS``: greedy, beam,
+    vcd, pai, opera, dola, eah, aai, deco, vaf, m3id, grounded) and one settings block per method."""
+
     caption_max_new_tokens: int = 32
     answer_max_new_tokens: int = 4
-    num_beams: int = 1
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("caption_max_new_tokens", "answer_max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"generation.{name} must be a positive int, got {value!r}")
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -86,7 +105,7 @@ class GroundedVLM(LightningModule):
         quantization: ``8bit`` or ``4bit`` (NF4, QLoRA) loading through bitsandbytes; needs LoRA, CUDA and a
             non-DeepSpeed strategy (checked before any weight is loaded).
         gradient_checkpointing: non-reentrant activation checkpointing of the language model.
-        generation: lengths and beams of validation generation.
+        generation: how validation/test/predict decode (``GenerationSettings``: lengths, ``method`` and its block).
         chair_mode: ``reference`` or ``lemma`` (see docs/metrics.md).
         report_examples: captions shown in the report.
         trust_remote_code: passed to ``from_pretrained``; off unless you set it.
@@ -120,11 +139,7 @@ class GroundedVLM(LightningModule):
                              "directory; the demo configs leave it to data.demo_backbone")
         self.grounding = grounding if grounding is not None else GroundingConfig(enabled=False)
         self.objective = objective if objective is not None else ObjectiveConfig()
-        if not self.grounding.enabled and (self.objective.lambda_grounding or self.objective.lambda_contrastive):
-            raise ValueError(
-                "model.grounding.enabled is false but model.objective.lambda_grounding/lambda_contrastive are "
-                "non-zero: the grounding terms would be computed from inert gates; set both lambdas to 0"
-            )
+        check_objective(self.grounding, self.objective)
         self.backbone, self.lora, self.freeze_vision = backbone, lora, freeze_vision
         if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
             raise FileNotFoundError(f"model.adapter: {adapter} holds no adapter_config.json (a run's adapter/ directory)")
@@ -169,6 +184,8 @@ class GroundedVLM(LightningModule):
         self.encoder_decoder = False  # the language model is an encoder-decoder (Flan-T5); set when loading
         self._hf_deepspeed_config = None  # ZeRO-3: transformers reads it (weakly referenced) while loading and generating
         self.tokenizer = None
+        self.categories: tuple[str, ...] = ()  # the dataset's object categories (EvaluationSpec), for word scores
+        self._object_words: ObjectWords | None = None
         self._examples: list[dict] = []
         self.last_report: dict | None = None
 
@@ -224,16 +241,18 @@ class GroundedVLM(LightningModule):
 
     # ----------------------------------------------------------------- training
     def _model_inputs(self, batch: dict) -> dict:
-        skip = {"labels", "object_labels", "image_ids", "question_ids", "targets"}
+        skip = {"labels", "object_labels", "image_ids", "question_ids", "targets", "object_presence", "object_presence_known"}
         return {k: v for k, v in batch.items() if k not in skip and not k.startswith("neg_")}
 
-    def _negative_inputs(self, batch: dict) -> dict:
-        """Inputs of the negative captions: the positive rows' at ``neg_index``, replaced by every ``neg_*`` input."""
+    def _negative_inputs(self, batch: dict, full_logits: bool = False) -> dict:
+        """Inputs of the negative captions: the positive rows' at ``neg_index``, replaced by every ``neg_*`` input.
+
+        Only the grounding scores are used unless ``full_logits`` (the LM term on negatives)."""
         index = batch["neg_index"]
         inputs = {k: v[index] for k, v in self._model_inputs(batch).items()}
         inputs.update({k[4:]: v for k, v in batch.items() if k.startswith("neg_") and k not in ("neg_index", "neg_object_labels")})
-        if not self.encoder_decoder:
-            inputs["logits_to_keep"] = 1  # only the grounding scores are used
+        if not self.encoder_decoder and not full_logits:
+            inputs["logits_to_keep"] = 1
         return inputs
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -243,39 +262,67 @@ class GroundedVLM(LightningModule):
                 "data.init_args.processor must name the backbone's hub id or a directory that also holds its "
                 "config.json, so the collator builds the encoder-decoder layout"
             )
-        grounded = self.grounding.enabled
-        rec = GroundingRecorder() if grounded else None
-        extra = {"grounding_scores": rec} if grounded else {}
+        rec = GroundingRecorder() if self.grounding.enabled else None
+        extra = {"grounding_scores": rec} if rec is not None else {}
         if self.lm_loss_reduction == "token":
             out = self.model(**self._model_inputs(batch), labels=batch["labels"], **extra)
             loss = out.loss
         else:
             out = self.model(**self._model_inputs(batch), **extra)
             loss = lm_loss(out.logits, batch["labels"], self.lm_loss_reduction, shift=not self.encoder_decoder)
-        lm = loss.detach()
-        logs = {"train/lm": lm}
-        lam_g, lam_c = self.objective.lambda_grounding, self.objective.lambda_contrastive
-        if grounded and (lam_g or lam_c):
-            scores, logits = nanmean_layers(rec), nanmean_layers(rec, logits=True)
-            neg_scores = neg_logits = None
-            needs_negatives = lam_c > 0 or self.objective.grounding_loss == "bce"
-            if needs_negatives and "neg_index" in batch:
-                neg_rec = GroundingRecorder()
-                self.model(**self._negative_inputs(batch), grounding_scores=neg_rec)
-                neg_scores, neg_logits = nanmean_layers(neg_rec), nanmean_layers(neg_rec, logits=True)
-            l_g = grounding_loss(self.objective.grounding_loss, scores, logits, batch["labels"],
-                                 batch["object_labels"], neg_logits, batch.get("neg_object_labels"))
-            loss = loss + lam_g * l_g
-            logs["train/grounding"] = l_g.detach()
-            if neg_scores is not None:
-                l_c = contrastive_loss(scores, batch["object_labels"], neg_scores, batch["neg_object_labels"],
-                                       batch["neg_index"], self.objective.margin)
-                loss = loss + lam_c * l_c
-                logs["train/contrastive"] = l_c.detach()
-            logs["train/score_objects"] = masked_mean(scores.detach(), batch["object_labels"] == 1)
+        logs = {"train/lm": loss.detach()}
+        loss = loss + self._extra_terms(batch, rec, logs)
         logs["train/loss"] = loss.detach()
         self.log_dict(logs, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def _extra_terms(self, batch: dict, rec: GroundingRecorder | None, logs: dict) -> Tensor | float:
+        """Every term of the objective besides the LM loss (``models.objective``); fills ``logs``."""
+        obj, total = self.objective, 0.0
+        lam_g, lam_c = obj.lambda_grounding, obj.lambda_contrastive
+        wants_negatives = (rec is not None and (lam_c or (lam_g and obj.grounding_loss == "bce"))) or obj.lambda_negative_lm
+        neg_rec = neg_out = None
+        if wants_negatives and "neg_index" in batch:
+            neg_rec = GroundingRecorder() if rec is not None else None
+            neg_out = self.model(**self._negative_inputs(batch, full_logits=bool(obj.lambda_negative_lm)),
+                                 **({"grounding_scores": neg_rec} if neg_rec is not None else {}))
+        if rec is not None and (lam_g or lam_c):
+            scores, logits = nanmean_layers(rec), nanmean_layers(rec, logits=True)
+            neg_scores = neg_logits = None
+            if neg_rec is not None and (lam_c or obj.grounding_loss == "bce"):
+                neg_scores, neg_logits = nanmean_layers(neg_rec), nanmean_layers(neg_rec, logits=True)
+            l_g = grounding_loss(obj.grounding_loss, scores, logits, batch["labels"],
+                                 batch["object_labels"], neg_logits, batch.get("neg_object_labels"))
+            total = total + lam_g * l_g
+            logs["train/grounding"] = l_g.detach()
+            if neg_scores is not None:
+                l_c = contrastive_loss(scores, batch["object_labels"], neg_scores, batch["neg_object_labels"],
+                                       batch["neg_index"], obj.margin)
+                total = total + lam_c * l_c
+                logs["train/contrastive"] = l_c.detach()
+            logs["train/score_objects"] = masked_mean(scores.detach(), batch["object_labels"] == 1)
+        if obj.lambda_word:
+            l_w = self._word_loss(batch, rec)
+            total = total + obj.lambda_word * l_w
+            logs["train/word"] = l_w.detach()
+        if obj.lambda_negative_lm and neg_out is not None:
+            key = "decoder_input_ids" if self.encoder_decoder else "input_ids"
+            pos, neg = batch[key][batch["neg_index"]], batch[f"neg_{key}"]
+            l_n = negative_lm_loss(neg_out.logits[:, :-1], pos[:, 1:], neg[:, 1:], batch["neg_object_labels"][:, 1:],
+                                   obj.negative_lm)
+            total = total + obj.lambda_negative_lm * l_n
+            logs["train/negative_lm"] = l_n.detach()
+        return total
+
+    def _word_loss(self, batch: dict, rec: GroundingRecorder) -> Tensor:
+        if "object_presence" not in batch:
+            raise ValueError(
+                "model.objective.lambda_word needs object presence labels in the batch: the training data must come "
+                "from COCO-format instance annotations (data.coco_dir or data.world), not data.pairs_file"
+            )
+        tokens, category = self.object_words().tensors(batch["object_presence"].device)
+        return word_loss(word_logits(self._base(), rec, tokens), batch["object_presence"], category,
+                         batch.get("object_presence_known"))
 
     def configure_optimizers(self) -> dict:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -301,6 +348,9 @@ class GroundedVLM(LightningModule):
             self.evaluation_spec = spec
             self.pope = torch.nn.ModuleDict({name: POPE() for name in spec.question_sets})
             self.probes = list(spec.probes)
+            self.categories = tuple(spec.categories)
+        elif self.grounding.word_score:  # predict: the object-word table still comes from the dataset
+            self.categories = tuple(self._evaluation_spec(stage).categories)
         self._predictions: list[dict] = []
 
     def _evaluation_spec(self, stage: str) -> EvaluationSpec:
@@ -316,14 +366,24 @@ class GroundedVLM(LightningModule):
             raise TypeError(f"{type(datamodule).__name__}.evaluation returned {type(spec).__name__}, not EvaluationSpec")
         return spec
 
+    def object_words(self) -> ObjectWords:
+        """The object-word table (tokenizer x the dataset's categories), built once and attached to the model."""
+        if self._object_words is None:
+            if not self.categories:
+                raise ValueError("candidate-word scores need the dataset's object categories: the datamodule's "
+                                 "evaluation spec lists none (no instance annotations?)")
+            self._object_words = object_words(self.tokenizer, self.categories)
+            set_object_words(self.model, self._object_words)
+        return self._object_words
+
     def _generate(self, batch: dict, max_new_tokens: int) -> list[str]:
         inputs = self._model_inputs(batch)
-        out = self.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=self.generation.num_beams,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        # decoder-only generate returns prompt + new tokens; encoder-decoder returns the decoder's tokens only
-        new = out if self.encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
+        if self.grounding.word_score and self.grounding.enabled:
+            self.object_words()
+        eos = self._base().generation_config.eos_token_id
+        new = decode(self.model, inputs, self.generation, max_new_tokens=max_new_tokens,
+                     pad_token_id=self.tokenizer.pad_token_id,
+                     eos_token_id=eos if eos is not None else self.tokenizer.eos_token_id)
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=True)]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -406,6 +466,7 @@ class GroundedVLM(LightningModule):
             "lm_loss_reduction": self.lm_loss_reduction,
             "lr": self.lr,
             "chair_mode": self.chair_mode,
+            "generation": self.generation.describe(),
         }
 
     def on_train_end(self) -> None:

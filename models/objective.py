@@ -1,7 +1,11 @@
-"""The training objective: ``L = L_LM(positive) + lambda_grounding * L_grounding + lambda_contrastive * L_contrastive``.
+"""The training objective::
 
-DESIGN.md section 4. Negative captions feed only the grounding and contrastive terms; the LM loss is computed on
-positive captions. Scores and gate logits come from :class:`models.grounding.GroundingRecorder` (NaN where a
+    L = L_LM(positive) + lambda_grounding * L_grounding + lambda_contrastive * L_contrastive
+        + lambda_word * L_word + lambda_negative_lm * L_negative_lm
+
+DESIGN.md section 4. The LM loss is computed on positive captions only. ``L_word`` trains the candidate-word score
+(:mod:`models.word_grounding`) against object presence; ``L_negative_lm`` is an LM-side term on negatives at their
+first hallucinated word (:func:`negative_lm_loss`). Scores and gate logits come from :class:`models.grounding.GroundingRecorder` (NaN where a
 token has no score), labels from the collator (:mod:`datamodules.collate`; ``IGNORE`` = -100 outside targets).
 """
 
@@ -17,7 +21,8 @@ from torch import Tensor
 from datamodules.labels import IGNORE
 from models.grounding import GroundingRecorder
 
-__all__ = ["IGNORE", "ObjectiveConfig", "contrastive_loss", "grounding_loss", "lm_loss", "masked_mean", "nanmean_layers"]
+__all__ = ["IGNORE", "ObjectiveConfig", "contrastive_loss", "grounding_loss", "lm_loss", "masked_mean", "nanmean_layers",
+           "negative_lm_loss"]
 
 
 @dataclass
@@ -30,17 +35,27 @@ class ObjectiveConfig:
         grounding_loss: ``direct`` (-mean G over caption tokens), ``object`` (-mean G over object words) or
             ``bce`` (BCE of the gate against labels: 1 on grounded object words, 0 on hallucinated ones).
         margin: of ``relu(margin - (mean_obj G(pos) - mean_obj G(neg)))``.
+        lambda_word: weight of ``L_word``, the BCE of the candidate-word logits against the image's objects
+            (needs ``grounding.word_score`` and instance annotations).
+        lambda_negative_lm: weight of ``L_negative_lm`` on the rows that carry a negative caption.
+        negative_lm: ``unlikelihood`` (``-log(1 - p(w_neg))`` at the first hallucinated token) or ``margin``
+            (``-log sigmoid(log p(x_pos) - log p(x_neg))`` where positive and negative first differ).
     """
 
     lambda_grounding: float = 0.1
     lambda_contrastive: float = 0.1
     grounding_loss: Literal["direct", "object", "bce"] = "bce"
     margin: float = 0.2
+    lambda_word: float = 0.0
+    lambda_negative_lm: float = 0.0
+    negative_lm: Literal["unlikelihood", "margin"] = "margin"
 
     def __post_init__(self) -> None:
         if self.grounding_loss not in ("direct", "object", "bce"):
             raise ValueError(f"ObjectiveConfig.grounding_loss must be direct, object or bce, got {self.grounding_loss!r}")
-        for name in ("lambda_grounding", "lambda_contrastive", "margin"):
+        if self.negative_lm not in ("unlikelihood", "margin"):
+            raise ValueError(f"ObjectiveConfig.negative_lm must be unlikelihood or margin, got {self.negative_lm!r}")
+        for name in ("lambda_grounding", "lambda_contrastive", "margin", "lambda_word", "lambda_negative_lm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -114,3 +129,47 @@ def lm_loss(logits: Tensor, labels: Tensor, reduction: str, shift: bool = True) 
         return tokens.sum() * 0.0
     return (tokens.sum(1)[rows] / counts[rows]).mean()
 
+
+
+def negative_lm_loss(logits: Tensor, pos_next: Tensor, neg_next: Tensor, neg_labels: Tensor, kind: str) -> Tensor:
+    """LM term of the negative captions at their first hallucinated token; mean over the rows that have one.
+
+    All (N, T) tensors are aligned with the negative pass's logits (N, T, V): position ``j`` predicts
+    ``neg_next[j]`` (the negative's next token), ``pos_next[j]`` is the positive caption's next token on the same
+    row (same prompt), ``neg_labels[j]`` is 0 where ``neg_next[j]`` is a hallucinated object word. With ``j`` the
+    first such position and ``d`` the first position where the two captions' next tokens differ:
+    ``unlikelihood`` = ``-log(1 - p(neg_next[j]))``; ``margin`` = ``-log sigmoid(log p(pos_next[d]) - log
+    p(neg_next[d]))`` (both tokens predicted from the shared prefix), for rows with ``d <= j``.
+    """
+    width = min(pos_next.shape[1], neg_next.shape[1])
+    terms = []
+    for r in range(neg_next.shape[0]):
+        hallucinated = (neg_labels[r] == 0).nonzero().flatten()
+        if not len(hallucinated):
+            continue
+        j = int(hallucinated[0])
+        if kind == "unlikelihood":
+            p = torch.softmax(logits[r, j].float(), -1)[neg_next[r, j]]
+            terms.append(-torch.log1p(-p.clamp(max=1 - 1e-6)))
+            continue
+        differ = (pos_next[r, :width] != neg_next[r, :width]).nonzero().flatten()
+        if not len(differ) or int(differ[0]) > j:
+            continue
+        d = int(differ[0])
+        log_p = torch.log_softmax(logits[r, d].float(), -1)
+        terms.append(-F.logsigmoid(log_p[pos_next[r, d]] - log_p[neg_next[r, d]]))
+    if not terms:
+        return logits.sum() * 0.0
+    return torch.stack(terms).mean()
+
+
+def check_objective(grounding, objective: ObjectiveConfig) -> None:
+    """Objective terms that need what the grounding config does not provide are errors naming the settings."""
+    if not grounding.enabled and (objective.lambda_grounding or objective.lambda_contrastive or objective.lambda_word):
+        raise ValueError(
+            "model.grounding.enabled is false but model.objective.lambda_grounding/lambda_contrastive/lambda_word "
+            "is non-zero: the grounding terms would be computed from inert gates; set those lambdas to 0"
+        )
+    if objective.lambda_word and not grounding.word_score:
+        raise ValueError("model.objective.lambda_word > 0 trains the candidate-word score: set "
+                         "model.grounding.word_score true (or lambda_word 0)")

@@ -6,7 +6,8 @@ One registry, ``METHODS: name -> Method(settings class, function)``. Every funct
 
 ``model`` is a Hugging Face VLM from ``models.backbones.BACKBONES`` (plain, grounded with ``add_grounding``, or
 wrapped by peft); ``inputs`` is what its processor makes (left-padded ``input_ids``, ``attention_mask``,
-``pixel_values``, ...); the result is (B, new tokens), ``pad_token_id`` after a row's EOS. Image positions come
+``pixel_values``, ...); the result is (B, new tokens), ``pad_token_id`` after a row's EOS. ``grounded`` (ours) needs
+a grounded model with ``grounding.word_score`` and an object-word table (``models.word_grounding``). Image positions come
 from the image placeholder tokens of each row (or ``image_mask``, (B, L) bool). ``DecodingSettings`` holds the
 chosen method and one typed block per method, for a LightningCLI ``generation`` section:
 
@@ -26,6 +27,7 @@ from typing import Callable, NamedTuple
 from torch import Tensor
 
 from models.decoding.edited import aai, eah, pai, vaf
+from models.decoding.grounded import grounded
 from models.decoding.logits import beam, deco, dola, greedy, m3id, vcd
 from models.decoding.opera import opera
 from models.decoding.settings import (
@@ -35,6 +37,7 @@ from models.decoding.settings import (
     DoLaSettings,
     EAHSettings,
     GreedySettings,
+    GroundedSettings,
     M3IDSettings,
     OPERASettings,
     PAISettings,
@@ -46,6 +49,7 @@ from models.decoding.settings import (
 class Method(NamedTuple):
     settings: type
     fn: Callable[..., Tensor]
+    word_score: bool = False  # needs a grounded model with candidate-word scores (``grounding.word_score``)
 
 
 METHODS: dict[str, Method] = {
@@ -60,6 +64,7 @@ METHODS: dict[str, Method] = {
     "deco": Method(DeCoSettings, deco),
     "vaf": Method(VAFSettings, vaf),
     "m3id": Method(M3IDSettings, m3id),
+    "grounded": Method(GroundedSettings, grounded, word_score=True),
 }
 
 
@@ -84,10 +89,11 @@ class DecodingSettings:
     deco: DeCoSettings = field(default_factory=DeCoSettings)
     vaf: VAFSettings = field(default_factory=VAFSettings)
     m3id: M3IDSettings = field(default_factory=M3IDSettings)
+    grounded: GroundedSettings = field(default_factory=GroundedSettings)
 
     def __post_init__(self) -> None:
         check_method(self.method)
-        for name, (cls, _) in METHODS.items():
+        for name, (cls, *_) in METHODS.items():
             block = getattr(self, name, None)
             if fields(cls) and not isinstance(block, cls):
                 raise ValueError(f"generation.{name} must be a {cls.__name__}, got {type(block).__name__}")

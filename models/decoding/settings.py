@@ -239,5 +239,19 @@ class M3IDSettings:
         _number(self, "beta", 0.0, 1.0, low_open=True)
 
 
+@dataclass
+class GroundedSettings:
+    """Grounding-guided decoding (ours): object-word logits + ``weight * logsigmoid(z)``; below ``threshold`` the
+    object is not named. Needs ``grounding.word_score`` (``models/decoding/grounded.py``)."""
+
+    METHOD = "grounded"
+    weight: float = 1.0
+    threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        _number(self, "weight", 0.0)
+        _number(self, "threshold", 0.0, 1.0)
+
+
 def settings_fields(cls: type) -> list[str]:
     return [f.name for f in fields(cls)]
