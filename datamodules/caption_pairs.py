@@ -50,6 +50,21 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 3
 
 
+def save_atomically(dataset, cache: Path) -> None:
+    """``save_to_disk`` into a temporary sibling, then rename: a concurrent run never reads a half-written cache."""
+    import os
+    import shutil
+    import tempfile
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    dataset.save_to_disk(str(staging))
+    try:
+        os.replace(staging, cache)
+    except OSError:  # another process finished the same cache first: keep its copy
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 class CaptionPairsDataModule(LightningDataModule):
     """Caption pairs + yes/no questions for training; captioning prompts and questions for validation.
 
@@ -251,7 +266,7 @@ class CaptionPairsDataModule(LightningDataModule):
         if not rows:
             raise ValueError(f"no training rows from {[str(s) for s in sources]}: nothing to train on")
         normalised = [complete_row(r) for r in rows]
-        datasets.Dataset.from_list(normalised).save_to_disk(str(cache))
+        save_atomically(datasets.Dataset.from_list(normalised), cache)
         log.info("training rows: %d prepared and cached to %s", len(rows), cache)
         return normalised
 

@@ -251,3 +251,17 @@ def test_evaluation_ground_truth_is_parsed_in_the_chair_mode_asked_for(prepared:
     assert lemma.question_sets == ("pope",) and lemma.question_set(0) is None and lemma.question_set(1) == "pope"
     assert lemma.probes == ()  # a plain COCO folder has no bias rules; the world's datamodule has them
     assert prepared["dm"].evaluation("validate").probes == (("fork", "knife"),)
+
+
+def test_cache_is_written_atomically(tmp_path: Path) -> None:
+    """The cache appears whole under its name; a second writer of the same cache leaves the first copy and no
+    staging directory behind (two runs preparing the same rows at once)."""
+    import datasets
+
+    from datamodules.caption_pairs import save_atomically
+
+    cache = tmp_path / "pairs_x"
+    save_atomically(datasets.Dataset.from_list([{"a": 1}]), cache)
+    save_atomically(datasets.Dataset.from_list([{"a": 2}]), cache)
+    assert datasets.load_from_disk(str(cache)).to_list() == [{"a": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["pairs_x"]
