@@ -1,6 +1,7 @@
-"""The suite's CLI: LightningCLI subcommands (fit/validate/test/predict) plus ``score``.
+"""The suite's CLI: LightningCLI subcommands (fit/validate/test/predict) plus ``score`` and ``sweep``.
 
 ``score`` scores caption/answer files from any tool (see :mod:`lightning_app.score`); every other
+``sweep`` runs experiment configs over seeds into one table (:mod:`lightning_app.sweep`); every other
 subcommand is LightningCLI (:class:`lightning_app.suite_cli.SuiteCLI`) with the model and datamodule given
 as ``class_path``/``init_args``. After ``fit`` and ``validate`` the validation report is printed.
 
@@ -19,6 +20,16 @@ def main(args: list[str] | None = None) -> None:
         from lightning_app.score import main as score_main
 
         score_main(argv[1:])
+        return
+    if argv and argv[0] == "sweep":
+        from lightning_app.sweep import main as sweep_main
+
+        sweep_main(argv[1:])
+        return
+    if argv and argv[0] == "analyze":
+        from lightning_app.analyze import main as analyze_main
+
+        analyze_main(argv[1:])
         return
     if "WANDB_API_KEY" not in os.environ:
         os.environ.setdefault("WANDB_MODE", "offline")  # wandb never asks for a login

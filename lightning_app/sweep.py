@@ -1,0 +1,155 @@
+"""``python -m lightning_app sweep``: every experiment config x every seed, then one table (mean +- std).
+
+    python -m lightning_app sweep configs/experiments/*.yaml --seeds 0 1 2 --root runs/sweep [-- FIT ARGS...]
+
+For each config ``X.yaml`` and seed ``S`` it runs, in a subprocess, ::
+
+    python -m lightning_app fit --config X.yaml --run_name X_sS --trainer.default_root_dir ROOT \\
+        --seed_everything S --data.init_args.seed S [--data.init_args.demo_backbone.seed S] [EXTRA...]
+
+(seed S moves the training randomness, the data's random choices and, where the config builds the demo backbone,
+its initial weights), then ``analyze`` on the run's last checkpoint where ``--analyze`` is given. A run whose
+report is already there is not run again, so an interrupted sweep continues where it stopped. ``ROOT/results.md``
+and ``ROOT/results.json`` hold per row: CHAIRs, CHAIRi, Recall, POPE accuracy and F1, the biased companion named
+where absent (with its anchor / elsewhere) and when present, the grounding-score AUROC (from ``analysis.json``
+where present) and the run's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+__all__ = ["main", "row_metrics", "summarise"]
+
+METRICS = (  # key, column title, scale
+    ("CHAIRs", "CHAIRs", 100), ("CHAIRi", "CHAIRi", 100), ("Recall", "Recall", 100),
+    ("pope_accuracy", "POPE acc", 100), ("pope_f1", "POPE F1", 100),
+    ("absent_with_anchor", "companion where absent: with anchor", 100),
+    ("absent_elsewhere", "elsewhere", 100), ("present", "companion when present", 100),
+    ("auroc", "grounding AUROC", 1), ("wall_s", "wall s", 1),
+)
+
+
+def _builds_demo_backbone(config: Path) -> bool:
+    """Whether ``config`` (or a base it names with ``config:``) sets ``data.init_args.demo_backbone``."""
+    data = yaml.safe_load(config.read_text()) or {}
+    if (data.get("data") or {}).get("init_args", {}).get("demo_backbone") is not None:
+        return True
+    base = data.get("config")
+    return bool(base) and _builds_demo_backbone((config.parent / base).resolve())
+
+
+def latest_version(run: Path) -> Path | None:
+    versions = sorted(run.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    return versions[-1] if versions else None
+
+
+def row_metrics(report: dict, analysis: dict | None, wall: float | None) -> dict[str, float]:
+    """The table's numbers of one run from its ``report.json`` (and ``analysis.json``)."""
+    chair, pope = report["chair"], report.get("pope") or {}
+    first = next(iter(pope.values()), {})
+    probe = next(iter((report.get("probes") or {}).values()), {})
+    nan = float("nan")
+    out = {"CHAIRs": chair["CHAIRs"], "CHAIRi": chair["CHAIRi"], "Recall": chair["Recall"],
+           "pope_accuracy": first.get("accuracy", nan), "pope_f1": first.get("f1", nan),
+           "absent_with_anchor": probe.get("rate_absent_with_anchor", nan),
+           "absent_elsewhere": probe.get("rate_absent_elsewhere", nan), "present": probe.get("recall_when_present", nan),
+           "auroc": nan, "wall_s": wall if wall is not None else nan}
+    if analysis is not None:
+        out["auroc"] = float(analysis.get("headline", {}).get("auroc", nan))
+    return out
+
+
+def _mean_std(values: list[float], scale: float) -> str:
+    values = [v * scale for v in values if v == v]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def summarise(rows: dict[str, list[dict[str, float]]]) -> str:
+    """Markdown table: one line per row, mean ± sample std over its seeds."""
+    head = "| row | seeds | " + " | ".join(title for _, title, _ in METRICS) + " |"
+    lines = [head, "| --- | ---: |" + " ---: |" * len(METRICS)]
+    for name, runs in rows.items():
+        cells = [_mean_std([r[key] for r in runs], scale) for key, _, scale in METRICS]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with open(log, "a") as handle:
+        code = subprocess.call(cmd, stdout=handle, stderr=subprocess.STDOUT)
+    if code:
+        raise RuntimeError(f"{' '.join(cmd)} failed with exit code {code}; see {log}")
+    return time.perf_counter() - start
+
+
+def run_one(config: Path, seed: int, root: Path, analyze: bool, extra: list[str]) -> dict[str, float]:
+    name = f"{config.stem}_s{seed}"
+    run = root / name
+    done = run / "sweep.json"
+    if not done.is_file():
+        run.mkdir(parents=True, exist_ok=True)
+        args = ["--config", str(config), "--run_name", name, "--trainer.default_root_dir", str(root),
+                "--seed_everything", str(seed), "--data.init_args.seed", str(seed)]
+        if _builds_demo_backbone(config):
+            args += ["--data.init_args.demo_backbone.seed", str(seed)]
+        print(f"sweep: {name}: fit", flush=True)
+        wall = _run([sys.executable, "-m", "lightning_app", "fit", *args, *extra], run / "sweep.log")
+        done.write_text(json.dumps({"wall_s": wall, "config": str(config), "seed": seed, "extra": extra}))
+    wall = json.loads(done.read_text())["wall_s"]
+    version = latest_version(run)
+    if version is None or not (version / "report.json").is_file():
+        raise RuntimeError(f"{run}: the fit wrote no report.json (see {run / 'sweep.log'})")
+    analysis_file = version / "analysis.json"
+    if analyze and not analysis_file.is_file():
+        checkpoint = run / "checkpoints" / "last.ckpt"
+        print(f"sweep: {name}: analyze", flush=True)
+        _run([sys.executable, "-m", "lightning_app", "analyze", "--config", str(config), "--run_name", name,
+              "--trainer.default_root_dir", str(root), "--ckpt_path", str(checkpoint), *extra], run / "sweep.log")
+        found = sorted(run.glob("version_*/analysis.json"), key=lambda p: p.stat().st_mtime)
+        analysis_file = found[-1] if found else analysis_file
+    analysis = json.loads(analysis_file.read_text()) if analysis_file.is_file() else None
+    return row_metrics(json.loads((version / "report.json").read_text()), analysis, wall)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lightning_app sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("configs", nargs="+", type=Path, help="experiment configs, one table row each")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--root", type=Path, default=Path("runs/sweep"), help="trainer.default_root_dir of every run")
+    parser.add_argument("--analyze", action="store_true", help="also run analyze (grounding AUROC column)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    argv, extra = argv[:cut], argv[cut + 1:]  # after --: arguments added to every fit
+    args = parser.parse_args(argv)
+    for config in args.configs:
+        if not config.is_file():
+            parser.error(f"no such config {config}")
+    args.root.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[dict[str, float]]] = {}
+    for config in args.configs:
+        for seed in args.seeds:
+            rows.setdefault(config.stem, []).append(run_one(config, seed, args.root, args.analyze, extra))
+            (args.root / "results.json").write_text(json.dumps(rows, indent=1))
+    table = summarise(rows)
+    (args.root / "results.md").write_text(table)
+    print(table)
+    print(f"results: {args.root / 'results.md'} (and results.json)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The experiment configs and ``python -m lightning_app sweep``: each row's config parses with its own knobs, the
+table's numbers are the reports' numbers (mean and sample std), seeds reach the runs, a finished run is not redone."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_app.sweep import row_metrics, summarise
+from tests.test_cli_runs import REPO, _run, _small
+
+EXPERIMENTS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+
+
+def _config(path: Path) -> dict:
+    return yaml.safe_load(_run(["fit", "--config", str(path), "--print_config"]).stdout)
+
+
+def test_experiment_rows_set_their_own_knobs() -> None:
+    assert {p.stem for p in EXPERIMENTS} >= {"baseline", "gate", "word", "word_decoding", "combination"}
+    demo = _config(REPO / "configs" / "demo.yaml")
+    for path in EXPERIMENTS:
+        config = _config(path)
+        assert config["run_name"] == path.stem
+        model, data = config["model"]["init_args"], config["data"]["init_args"]
+        base = demo["model"]["init_args"]
+        assert config["trainer"]["max_steps"] == demo["trainer"]["max_steps"]  # same budget for every row
+        assert data["world"] == demo["data"]["init_args"]["world"]  # same world
+        objective, grounding = model["objective"], model["grounding"]
+        if path.stem == "baseline":
+            assert not grounding["enabled"] and not any(v for k, v in objective.items() if k.startswith("lambda"))
+        if path.stem.startswith("word") or path.stem == "combination":
+            assert grounding["word_score"] and objective["lambda_word"] == base["objective"]["lambda_word"] > 0
+        if path.stem.startswith("gate"):
+            assert not grounding["word_score"] and objective["lambda_grounding"] > 0
+        assert (model["generation"]["method"] == "grounded") == (path.stem in ("word_decoding", "combination"))
+        assert (data.get("cooccurrence") is not None) == ("cooccurrence" in path.stem or path.stem == "combination")
+
+
+def test_table_is_mean_and_sample_std_of_the_reports() -> None:
+    def report(chair_i: float, knife: float) -> dict:
+        return {"chair": {"CHAIRs": 0.5, "CHAIRi": chair_i, "Recall": 0.9},
+                "pope": {"pope": {"accuracy": 0.8, "f1": 0.75}},
+                "probes": {"fork->knife": {"rate_absent_with_anchor": knife, "rate_absent_elsewhere": 0.0,
+                                           "recall_when_present": 1.0}}}
+
+    rows = {"a": [row_metrics(report(0.10, 0.8), None, 100.0), row_metrics(report(0.20, 0.6), None, 120.0)]}
+    assert rows["a"][0]["CHAIRi"] == 0.10 and rows["a"][1]["absent_with_anchor"] == 0.6
+    line = summarise(rows).splitlines()[2]
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[0] == "a" and cells[1] == "2"
+    assert cells[3] == f"{15.0:.1f} ± {statistics.stdev([10.0, 20.0]):.1f}"  # CHAIRi in percent
+    assert cells[7] == f"{70.0:.1f} ± {statistics.stdev([80.0, 60.0]):.1f}"  # companion named where absent
+    assert cells[11] == f"{110.0:.1f} ± {statistics.stdev([100.0, 120.0]):.1f}"  # wall seconds
+    assert cells[10] == "n/a"  # no analysis.json: no AUROC
+
+
+def test_sweep_runs_every_seed_once(tmp_path: Path) -> None:
+    small = _small(tmp_path, "unused", steps=2, every=2)
+    pairs = dict(zip(small[::2], small[1::2]))
+    for flag in ("--run_name", "--trainer.default_root_dir"):  # the sweep sets these itself
+        pairs.pop(flag)
+    extra = [x for pair in pairs.items() for x in pair] + ["--data.init_args.max_val_images", "4"]
+    root = tmp_path / "sweep"
+    _run(["sweep", str(REPO / "configs" / "experiments" / "word.yaml"), "--seeds", "0", "1", "--root", str(root),
+          "--", *extra])
+    table = (root / "results.md").read_text().splitlines()
+    assert len(table) == 3 and table[2].startswith("| word | 2 |")
+    for seed in (0, 1):
+        (version,) = (root / f"word_s{seed}").glob("version_*")
+        config = yaml.safe_load((version / "config.yaml").read_text())
+        assert config["seed_everything"] == seed and config["data"]["init_args"]["seed"] == seed
+        assert config["data"]["init_args"]["demo_backbone"]["seed"] == seed
+    stamp = (root / "word_s0" / "sweep.json").stat().st_mtime_ns
+    results = json.loads((root / "results.json").read_text())
+    _run(["sweep", str(REPO / "configs" / "experiments" / "word.yaml"), "--seeds", "0", "--root", str(root), "--",
+          *extra])
+    assert (root / "word_s0" / "sweep.json").stat().st_mtime_ns == stamp  # not fitted again
+    assert json.loads((root / "results.json").read_text())["word"][0] == pytest.approx(results["word"][0], nan_ok=True)
