@@ -17,7 +17,9 @@ the median and prints, measured in one run:
     python benchmarks/decoding_speed.py --models cpu --reps 3
     python benchmarks/decoding_speed.py --clock cpu          # shared CPU: seconds of this process, 1 thread
     python benchmarks/decoding_speed.py --smoke              # tiny sizes, a few seconds (tests)
+    python benchmarks/decoding_speed.py --models cpu --device cuda --json out.json   # on a GPU; JSON too
 
+``--device cuda`` runs the same models (fp32) on the GPU, synchronising before every clock reading.
 ``--clock cpu`` times with ``time.process_time`` (the CPU seconds this process used) on one torch thread: on a
 machine other jobs share, wall time mostly measures their load; CPU time measures the method's own work.
 """
@@ -25,6 +27,7 @@ machine other jobs share, wall time mostly measures their load; CPU time measure
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -123,9 +126,12 @@ def theory(name: str, settings, prompt: int, text: int, new: int, encoder_decode
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def timed(fn: Callable[[], object], clock: Callable[[], float]) -> float:
+def timed(fn: Callable[[], object], clock: Callable[[], float], device: str = "cpu") -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
     start = clock()
     fn()
+    sync()
     return clock() - start
 
 
@@ -149,13 +155,13 @@ def word_scored(model: torch.nn.Module) -> torch.nn.Module:
     return grounded
 
 
-def measure(bench: Bench, batch: int, methods: list[str], new: int, reps: int, clock: Callable[[], float]
-            ) -> dict[str, float]:
+def measure(bench: Bench, batch: int, methods: list[str], new: int, reps: int, clock: Callable[[], float],
+            device: str = "cpu") -> dict[str, float]:
     """Median seconds per method at ``batch``, repetitions interleaved over the methods.
 
     Methods that need candidate-word scores (``grounded``) run on ``word_scored(bench.model)``, and greedy on that
     same model is timed too (``GROUNDED_GREEDY``): their cost is relative to it."""
-    inputs = bench.inputs(batch)
+    inputs = {k: v.to(device) for k, v in bench.inputs(batch).items()}
     grounded = word_scored(bench.model) if any(METHODS[m].word_score for m in methods) else None
     runs = {}
     for name in methods:
@@ -170,14 +176,14 @@ def measure(bench: Bench, batch: int, methods: list[str], new: int, reps: int, c
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(reps):
         for name in runs:
-            times[name].append(timed(runs[name], clock))
+            times[name].append(timed(runs[name], clock, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 def report(bench: Bench, batches: list[int], methods: list[str], new: int, reps: int,
-           clock: Callable[[], float]) -> list[dict]:
+           clock: Callable[[], float], device: str = "cpu") -> list[dict]:
     small, large = batches
-    seconds = {b: measure(bench, b, methods, new, reps, clock) for b in batches}
+    seconds = {b: measure(bench, b, methods, new, reps, clock, device) for b in batches}
     rows = []
     for name in methods:
         passes, work = theory(name, METHODS[name].settings(), bench.prompt_tokens, bench.text_tokens, new)
@@ -210,6 +216,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; cpu clock: 1)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or this process's CPU time")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the models decode")
+    parser.add_argument("--json", default=None, help="also write the tables to this JSON file")
     parser.add_argument("--smoke", action="store_true", help="tiny model, batches 1,2, 3 tokens, 1 rep")
     args = parser.parse_args()
     if args.smoke:
@@ -223,19 +231,33 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     if len(batches) != 2:
         parser.error("--batches takes two sizes, e.g. 1,32")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    if args.device == "cuda" and args.clock == "cpu":
+        parser.error("--clock cpu counts this process's CPU seconds, not the GPU's work: use the wall clock on cuda")
     if args.threads or args.clock == "cpu":
         torch.set_num_threads(args.threads or 1)
     opera = OPERASettings()
-    print(f"torch {torch.__version__}, CPU x{torch.get_num_threads()} threads, {args.clock} clock; "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {args.clock} clock; "
           f"{args.new_tokens} new tokens per caption, no EOS; median of {args.reps} interleaved reps; defaults "
           f"(opera: {opera.num_beams} beams x {opera.num_candidates} candidates)")
+    tables = {}
     with torch.no_grad():
         for name in args.models.split(","):
             if name not in BUILDERS:
                 parser.error(f"unknown model {name!r}; known: {sorted(BUILDERS)}")
             bench = BUILDERS[name]()
+            bench.model.to(args.device)
             print(f"\n{name}: {bench.description}")
-            print_table(report(bench, batches, methods, args.new_tokens, args.reps, CLOCKS[args.clock]), batches)
+            rows = report(bench, batches, methods, args.new_tokens, args.reps, CLOCKS[args.clock], args.device)
+            print_table(rows, batches)
+            tables[name] = {"description": bench.description, "rows": rows}
+    if args.json:
+        setup = {"device": where, "clock": args.clock, "batches": batches, "new_tokens": args.new_tokens,
+                 "reps": args.reps}
+        with open(args.json, "w") as f:
+            json.dump({**setup, "models": tables}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ hits both alike; the script prints min and median per case and the ratio grounde
 
     python benchmarks/overhead.py                 # CPU config (Llama 512 x 8 layers, batch 4, 144 + 64 tokens)
     python benchmarks/overhead.py --preset 7b     # GPU: 7B-shaped language model, bf16, 576 image tokens
+    python benchmarks/overhead.py --preset tiny --reps 1 --json out.json   # seconds (smoke runs); JSON too
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ class Preset:
 
 PRESETS = {
     "cpu": Preset(512, 8, 8, 8, 1376, 8000, 48, 4, 64, 4, [-2, -1], torch.float32, 16, 7),
+    "tiny": Preset(64, 2, 4, 4, 128, 256, 32, 8, 12, 2, [-1], torch.float32, 4, 2),
     "7b": Preset(4096, 32, 32, 32, 11008, 32064, 336, 14, 64, 4, [-4, -3, -2, -1], torch.bfloat16, 32, 10),
 }
 
@@ -56,8 +59,9 @@ def build(preset: Preset, device: str) -> tuple[torch.nn.Module, torch.nn.Module
     vision = clip_vision_config(hidden=32, layers=1, image_size=preset.image_size, patch=preset.patch)
     config = llava_config(vision, text, IMAGE_TOKEN_ID)
     torch.manual_seed(0)
-    plain = LlavaForConditionalGeneration(config).to(device=device, dtype=preset.dtype)
-    grounded = LlavaForConditionalGeneration(config).to(device=device, dtype=preset.dtype)
+    with torch.device(device):  # random init on the device: minutes less for a 7B shape than on the CPU
+        plain = LlavaForConditionalGeneration(config).to(dtype=preset.dtype)
+        grounded = LlavaForConditionalGeneration(config).to(dtype=preset.dtype)
     grounded.load_state_dict(plain.state_dict())
     add_grounding(grounded, GroundingConfig(layers=preset.grounded_layers))
     return plain.eval(), grounded.eval()
@@ -147,6 +151,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     reps = args.reps or preset.reps
@@ -176,13 +181,26 @@ def main() -> None:
         f"batch {preset.batch}, {n_img} image + {preset.text_tokens} text tokens, grounded layers "
         f"{preset.grounded_layers}, {preset.dtype}, {reps} interleaved reps"
     )
+    table = {case: summary(p, g) for case, (p, g) in results.items()}
     print(f"{'case':<14}{'plain min':>11}{'grounded min':>14}{'ratio min':>11}{'plain med':>11}{'grounded med':>14}{'ratio med':>11}")
-    for case, (p, g) in results.items():
-        pmin, gmin, pmed, gmed = min(p), min(g), statistics.median(p), statistics.median(g)
+    for case, r in table.items():
         print(
-            f"{case:<14}{pmin * 1e3:>9.2f}ms{gmin * 1e3:>12.2f}ms{gmin / pmin:>11.3f}"
-            f"{pmed * 1e3:>9.2f}ms{gmed * 1e3:>12.2f}ms{gmed / pmed:>11.3f}"
+            f"{case:<14}{r['plain_min_ms']:>9.2f}ms{r['grounded_min_ms']:>12.2f}ms{r['ratio_min']:>11.3f}"
+            f"{r['plain_median_ms']:>9.2f}ms{r['grounded_median_ms']:>12.2f}ms{r['ratio_median']:>11.3f}"
         )
+    if args.json:
+        setup = {"device": name, "preset": args.preset, "hidden": preset.hidden, "layers": preset.layers,
+                 "heads": preset.heads, "batch": preset.batch, "image_tokens": n_img, "text_tokens": preset.text_tokens,
+                 "grounded_layers": preset.grounded_layers, "dtype": str(preset.dtype), "reps": reps}
+        with open(args.json, "w") as f:
+            json.dump({**setup, "cases": table}, f, indent=1)
+
+
+def summary(plain: list[float], grounded: list[float]) -> dict[str, float]:
+    """Min and median milliseconds of each model and their ratios grounded / plain."""
+    pmin, gmin, pmed, gmed = min(plain), min(grounded), statistics.median(plain), statistics.median(grounded)
+    return {"plain_min_ms": pmin * 1e3, "grounded_min_ms": gmin * 1e3, "ratio_min": gmin / pmin,
+            "plain_median_ms": pmed * 1e3, "grounded_median_ms": gmed * 1e3, "ratio_median": gmed / pmed}
 
 
 if __name__ == "__main__":

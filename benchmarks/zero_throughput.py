@@ -8,6 +8,10 @@ For each strategy it prints the median step time, tokens/s, peak GPU memory and 
 
     python benchmarks/zero_throughput.py --strategies zero2 zero3 [--batch-size 8] [--steps 10] [--devices 1]
     python benchmarks/zero_throughput.py --shape tiny --accelerator cpu --strategies ddp   # a CPU smoke run
+    python benchmarks/zero_throughput.py --strategies zero3 --backbone /tmp/llava7b --json zero3.json
+
+``--backbone DIR`` keeps the random backbone in DIR (written there when DIR holds no ``config.json``), so one
+strategy per process can share it: each process then measures its own peak memory from a clean start.
 
 MFU = model FLOPs per step / (step time x devices x peak). Model FLOPs count the work a step must do, not
 checkpoint recomputation: the frozen language-model linear layers forward + input gradients (4 N_lm per
@@ -19,6 +23,8 @@ full fine-tuning is printed beside it. Peak: ``--peak-tflops`` (default 989, H10
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -28,7 +34,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from torch.utils.data import DataLoader
-from transformers import LlavaForConditionalGeneration
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from datamodules.evaluation import EvaluationSpec
 from models import GroundedVLM, GroundingConfig, LoraSettings, ObjectiveConfig
@@ -63,13 +69,18 @@ SHAPES = {
 IMAGE_TOKEN = 32000 % 256  # an id inside every shape's vocabulary
 
 
-def build_backbone(shape: Shape, directory: Path, device: str) -> Path:
-    """Random weights of the shape (built on ``device`` for speed), saved with a small tokenizer."""
+def shape_config(shape: Shape, image_token: int = IMAGE_TOKEN) -> LlavaConfig:
+    """LLaVA-1.5's wiring at ``shape``: CLIP tower (features of its second-to-last layer) + Llama."""
     vision = clip_vision_config(shape.vision_hidden, shape.vision_layers, shape.image_size, shape.patch,
                                 heads=shape.vision_heads, intermediate=4 * shape.vision_hidden, projection_dim=768)
     text = llama_config(shape.text_hidden, shape.text_layers, shape.text_heads, kv_heads=shape.text_heads,
                         vocab=shape.vocab, intermediate=shape.text_mlp, max_positions=4096)
-    config = llava_config(vision, text, IMAGE_TOKEN, vision_feature_layer=-2)
+    return llava_config(vision, text, image_token, vision_feature_layer=-2)
+
+
+def build_backbone(shape: Shape, directory: Path, device: str) -> Path:
+    """Random weights of the shape (built on ``device`` for speed), saved with a small tokenizer."""
+    config = shape_config(shape)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(torch.bfloat16)
     model.save_pretrained(directory)
@@ -194,17 +205,32 @@ def main() -> None:
     parser.add_argument("--accelerator", default="gpu", choices=["gpu", "cpu"])
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of one device")
     parser.add_argument("--out", default=None, help="directory for the random backbone (default: a temporary one)")
+    parser.add_argument("--backbone", default=None, help="keep the random backbone in this directory and reuse it")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     batches = synthetic_batches(shape, args.batch_size, args.text, args.warmup + args.steps)
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         args.out = tmp
-        backbone = build_backbone(shape, Path(tmp) / "backbone", "cuda" if args.accelerator == "gpu" else "cpu")
+        backbone = Path(args.backbone) if args.backbone else Path(tmp) / "backbone"
+        if not (backbone / "config.json").is_file():  # written beside, then moved: a killed run leaves no half one
+            partial = backbone.with_name(backbone.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            build_backbone(shape, partial, "cuda" if args.accelerator == "gpu" else "cpu")
+            shutil.rmtree(backbone, ignore_errors=True)
+            partial.rename(backbone)
         results = [run(name, backbone, batches, args) for name in args.strategies]
     device = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"CPU x{torch.get_num_threads()} threads"
     print(f"{args.shape}-shaped LLaVA, {device} x{args.devices}; batch {args.batch_size} x "
           f"{shape.image_tokens + args.text + 4} tokens per device (+{args.batch_size // 2} negative rows); "
           f"{args.steps} timed steps after {args.warmup}; trainable {results[0]['trainable']:,}")
+    if args.json:
+        setup = {"device": device, "devices": args.devices, "shape": args.shape, "batch_size": args.batch_size,
+                 "tokens_per_row": shape.image_tokens + args.text + 4, "negative_rows": args.batch_size // 2,
+                 "steps": args.steps, "warmup": args.warmup, "peak_tflops": args.peak_tflops}
+        with open(args.json, "w") as f:
+            rows = [{k: None if v != v else v for k, v in r.items()} for r in results]  # NaN (no GPU peak): null
+            json.dump({**setup, "results": rows}, f, indent=1)
     print(f"{'strategy':<10}{'step s':>9}{'tokens/s':>11}{'peak GiB':>10}{'MFU':>8}{'MFU 6N':>8}")
     for r in results:
         print(f"{r['strategy']:<10}{r['step_s']:>9.3f}{r['tokens_s']:>11.0f}{r['peak_gib']:>10.1f}"
