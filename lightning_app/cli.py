@@ -1,7 +1,8 @@
-"""The suite's CLI: LightningCLI subcommands (fit/validate/test/predict) plus ``score`` and ``sweep``.
+"""The suite's CLI: LightningCLI subcommands (fit/validate/test/predict) plus ``score``, ``sweep`` and ``analyze``.
 
-``score`` scores caption/answer files from any tool (see :mod:`lightning_app.score`); every other
-``sweep`` runs experiment configs over seeds into one table (:mod:`lightning_app.sweep`); every other
+``score`` scores caption/answer files from any tool (see :mod:`lightning_app.score`);
+``sweep`` runs experiment configs over seeds into one table (:mod:`lightning_app.sweep`);
+``analyze`` measures what grounding sees on the validation split (:mod:`lightning_app.analyze`); every other
 subcommand is LightningCLI (:class:`lightning_app.suite_cli.SuiteCLI`) with the model and datamodule given
 as ``class_path``/``init_args``. After ``fit`` and ``validate`` the validation report is printed.
 

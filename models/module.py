@@ -47,7 +47,8 @@ from models.objective import (
     negative_lm_loss,
 )
 from models.word_grounding import ObjectWords, object_words, set_object_words, word_logits, word_loss
-from models.report import annotated_examples, logged_metrics, probe_rates, write_report
+from models.diagnostics import MentionScores, report_signal, validation_mention_scores
+from models.report import annotated_examples, grounding_diagnostics, logged_metrics, probe_rates, write_report
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ class GroundedVLM(LightningModule):
         self.categories: tuple[str, ...] = ()  # the dataset's object categories (EvaluationSpec), for word scores
         self._object_words: ObjectWords | None = None
         self._examples: list[dict] = []
+        self.mention_scores: MentionScores | None = None
         self.last_report: dict | None = None
 
     # ----------------------------------------------------------------- model
@@ -349,6 +351,7 @@ class GroundedVLM(LightningModule):
             self.pope = torch.nn.ModuleDict({name: POPE() for name in spec.question_sets})
             self.probes = list(spec.probes)
             self.categories = tuple(spec.categories)
+            self.mention_scores = MentionScores() if self.grounding.enabled else None  # the report's diagnostics
         elif self.grounding.word_score:  # predict: the object-word table still comes from the dataset
             self.categories = tuple(self._evaluation_spec(stage).categories)
         self._predictions: list[dict] = []
@@ -376,21 +379,32 @@ class GroundedVLM(LightningModule):
             set_object_words(self.model, self._object_words)
         return self._object_words
 
-    def _generate(self, batch: dict, max_new_tokens: int) -> list[str]:
+    def eos_token_id(self) -> int | list[int]:
+        eos = self._base().generation_config.eos_token_id
+        return eos if eos is not None else self.tokenizer.eos_token_id
+
+    def generate_tokens(self, batch: dict, max_new_tokens: int) -> Tensor:
+        """(B, new tokens) decoded with ``generation`` (rows that ended are padded with the pad token)."""
         inputs = self._model_inputs(batch)
         if self.grounding.word_score and self.grounding.enabled:
             self.object_words()
-        eos = self._base().generation_config.eos_token_id
-        new = decode(self.model, inputs, self.generation, max_new_tokens=max_new_tokens,
-                     pad_token_id=self.tokenizer.pad_token_id,
-                     eos_token_id=eos if eos is not None else self.tokenizer.eos_token_id)
+        return decode(self.model, inputs, self.generation, max_new_tokens=max_new_tokens,
+                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_token_id())
+
+    def _generate(self, batch: dict, max_new_tokens: int) -> list[str]:
+        return self._decoded(self.generate_tokens(batch, max_new_tokens))
+
+    def _decoded(self, new: Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=True)]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         question_set = self.evaluation_spec.question_set(dataloader_idx)
         if question_set is None:
-            captions = self._generate(batch, self.generation.caption_max_new_tokens)
+            new = self.generate_tokens(batch, self.generation.caption_max_new_tokens)
+            captions = self._decoded(new)
             self.chair.update(captions, batch["image_ids"])
+            if self.mention_scores is not None:
+                self.mention_scores.update(*validation_mention_scores(self, batch, new))
             room = self.report_examples - len(self._examples)
             self._examples += [{"image_id": i, "caption": c} for i, c in zip(batch["image_ids"], captions)][:max(room, 0)]
         else:
@@ -430,9 +444,10 @@ class GroundedVLM(LightningModule):
         pope = {name: {k: float(v) for k, v in metric.compute().items()} for name, metric in self.pope.items()
                 if int(metric.tp + metric.fp + metric.tn + metric.fn)}
         probes = probe_rates(details, self.chair.ground_truth, self.probes)
+        mentions = self.mention_scores.compute() if self.mention_scores is not None else None  # all ranks
         self.log_dict(logged_metrics(stage, chair, pope, probes), prog_bar=False, sync_dist=False, rank_zero_only=True)
         self.chair.reset()
-        for metric in self.pope.values():
+        for metric in [*self.pope.values(), *([self.mention_scores] if self.mention_scores is not None else [])]:
             metric.reset()
         if self.trainer.sanity_checking:  # (validation only) no report from the sanity check
             self._examples = []
@@ -450,6 +465,10 @@ class GroundedVLM(LightningModule):
             "examples": examples,
         }
         run_dir = self.run_dir()  # trainer.log_dir is a broadcast under DDP: every rank must call it
+        if mentions is not None:
+            self.last_report["grounding_diagnostics"] = grounding_diagnostics(
+                *mentions, report_signal(self.grounding.word_score), self.chair_mode,
+                run_dir if self.trainer.is_global_zero else None)
         if self.trainer.is_global_zero:
             write_report(self.last_report, run_dir)
 

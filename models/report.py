@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-__all__ = ["annotated_examples", "logged_metrics", "probe_rates", "report_markdown", "write_report"]
+__all__ = ["annotated_examples", "grounding_diagnostics", "logged_metrics", "probe_rates", "report_markdown",
+           "write_report"]
+
+HISTOGRAM = "grounding_scores.png"
 
 
 def _naming_rate(rows: list[dict], name: str) -> float:
@@ -49,6 +53,28 @@ def annotated_examples(examples: list[dict], details: list[dict], ground_truth: 
     keys = ("mentioned_objects", "hallucinated_objects")
     return [{**e, **{k: by_id.get(e["image_id"], {}).get(k, []) for k in keys},
              "gt_objects": sorted(ground_truth.get(e["image_id"], []))} for e in examples]
+
+
+def grounding_diagnostics(scores: Any, present: Any, signal: str, mode: str, run_dir: Path | None) -> dict:
+    """AUROC of the grounding score over the validation captions' object mentions (present vs hallucinated) and,
+    with ``run_dir`` and matplotlib, its histogram ``grounding_scores.png`` there (else the block says why not)."""
+    from models.diagnostics import auroc
+
+    scores, present = [float(s) for s in scores], [bool(p) for p in present]
+    kept = [(s, p) for s, p in zip(scores, present) if s == s]
+    block = {"signal": signal, "chair_mode": mode, "auroc": auroc(scores, present),
+             "n_present": sum(p for _, p in kept), "n_hallucinated": sum(not p for _, p in kept),
+             "n_unscored": len(scores) - len(kept), "histogram": None}
+    if run_dir is not None and kept:
+        from models.figures import MISSING_EXTRA, score_histograms
+
+        try:
+            score_histograms([(signal, scores, present, block["auroc"])], run_dir / HISTOGRAM,
+                             f"object mentions of the validation captions ({mode} CHAIR mode)")
+            block["histogram"] = HISTOGRAM
+        except ImportError:
+            block["histogram_missing"] = f"matplotlib is not installed ({MISSING_EXTRA})"
+    return block
 
 
 def write_report(report: dict, run_dir: Path) -> None:
@@ -101,9 +127,27 @@ def report_markdown(report: dict) -> str:
                 f"{_pct(p['recall_when_present'])} (n={p['n_present']}) |"
             )
         lines.append("")
+    if report.get("grounding_diagnostics"):
+        lines += _diagnostics_markdown(report["grounding_diagnostics"])
     if report["examples"]:
         lines += ["Examples (hallucinated objects in **bold**):", ""]
         for e in report["examples"]:
             hallucinated = ", ".join(f"**{o}**" for o in e["hallucinated_objects"]) or "none"
             lines.append(f"- image {e['image_id']}: \"{e['caption']}\" (gt: {', '.join(e['gt_objects'])}; hallucinated: {hallucinated})")
     return "\n".join(lines) + "\n"
+
+
+def _diagnostics_markdown(block: dict) -> list[str]:
+    """The report's "grounding diagnostics": does the grounding score tell present from hallucinated mentions?"""
+    name = {"word_z": "candidate-word score z", "G_own": "grounding score G at the mention"}.get(block["signal"],
+                                                                                                block["signal"])
+    area = "n/a (needs present and hallucinated mentions)" if block["auroc"] is None else f"{block['auroc']:.3f}"
+    lines = ["Grounding diagnostics: AUROC of the " + name + " over the captions' object mentions "
+             f"({block['n_present']} present, {block['n_hallucinated']} hallucinated, {block['chair_mode']} CHAIR mode): "
+             f"**{area}** "
+             "(1 = every present mention scores above every hallucinated one, 0.5 = chance; docs/analysis.md).", ""]
+    if block.get("histogram"):
+        lines += [f"![grounding scores]({block['histogram']})", ""]
+    elif block.get("histogram_missing"):
+        lines += [f"(No histogram: {block['histogram_missing']}.)", ""]
+    return lines
