@@ -118,9 +118,15 @@ def _probes(collected: Collected, categories: list[str], folds: int, seed: int) 
             "mean_auroc": mean, "by_category": per_category, "companions": companions}
 
 
-def analysis_payload(collected: Collected, module: Any, folds: int, seed: int) -> dict:
+def probe_categories(collected: Collected, mode: str, count: int) -> list[str]:
+    """The ``count`` categories to probe: the most hallucinated in ``mode``, then the most frequent in the images."""
+    shown = Counter(c for i in collected.image_ids for c in collected.presence.get(i, ()))
+    missed = Counter(r["category"] for r in collected.rows if r["mode"] == mode and not r["present"])
+    return sorted(shown, key=lambda c: (-missed[c], -shown[c], c))[:count]
+
+
+def analysis_payload(collected: Collected, module: Any, folds: int, seed: int, categories: int = 20) -> dict:
     """The content of ``analysis.json`` (docs/analysis.md describes every field)."""
-    categories = sorted(module.categories or {c for names in collected.presence.values() for c in names})
     grounding = module.grounding
     return {
         "images": len(collected.image_ids),
@@ -132,7 +138,7 @@ def analysis_payload(collected: Collected, module: Any, folds: int, seed: int) -
         "signals": collected.signals,
         "mentions": {mode: summarize_mentions(collected.rows, mode, collected.signals) for mode in MODES},
         "detection": _detection(collected),
-        "probe": _probes(collected, categories, folds, seed),
+        "probe": _probes(collected, probe_categories(collected, module.chair_mode, categories), folds, seed),
     }
 
 

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                         "loaded; may be left out with --model.init_args.adapter)")
     parser.add_argument("--examples", type=int, default=6, help="mentions / captions shown in the figures")
     parser.add_argument("--probe_folds", type=int, default=5, help="cross-validation folds of the linear probes")
+    parser.add_argument("--probe_categories", type=int, default=20, help="categories probed: the most hallucinated, "
+                        "then the most frequent (each costs folds x (grounded layers + 1) fits)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probes' folds")
     return parser
 
@@ -183,7 +185,7 @@ def run(module: Any, datamodule: Any, run_dir: Path, device: torch.device, args:
         collected.add(batch["image_ids"], captions, rows, forced)
     collected.seconds["captions_and_signals"] = time.perf_counter() - start
     payload = {"checkpoint": checkpoint, "adapter": module.adapter,
-               **analysis_payload(collected, module, args.probe_folds, args.seed)}
+               **analysis_payload(collected, module, args.probe_folds, args.seed, args.probe_categories)}
     started = time.perf_counter()
     payload["figures"] = draw_figures(collected, payload, run_dir, datamodule.processor.image_processor,
                                       module.chair_mode, args.examples)

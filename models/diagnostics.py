@@ -149,8 +149,11 @@ def _teacher_inputs(model: nn.Module, inputs: dict, gen: Tensor, gen_mask: Tenso
     prompt = inputs["input_ids"]
     mask = torch.cat([inputs.get("attention_mask", torch.ones_like(prompt)).long(), gen_mask], 1)
     kwargs["input_ids"], kwargs["attention_mask"] = torch.cat([prompt, gen], 1), mask
-    if "position_ids" in inspect.signature(model.forward).parameters:  # left padding, as generate() counts
+    accepted = inspect.signature(model.forward).parameters
+    if "position_ids" in accepted:  # left padding, as generate() counts
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+    if "logits_to_keep" in accepted:  # the positions that predict a generated token (and the last one)
+        kwargs["logits_to_keep"] = gen.shape[1] + 1
     return kwargs, F.pad(image_mask, (0, gen.shape[1]), value=False), prompt.shape[1]
 
 
@@ -204,7 +207,8 @@ def forced_pass(model: nn.Module, inputs: dict, tokens: Sequence[Sequence[int]],
         ATTENTION_EDIT.reset(token)
         hook.remove()
     rows = slice(offset - 1, offset - 1 + n)
-    signals = {"lm_logprob": _log_probs(out.logits, rows, gen)}
+    kept = slice(0, n) if out.logits.shape[1] == n + 1 else rows  # logits_to_keep
+    signals = {"lm_logprob": _log_probs(out.logits, kept, gen)}
     for layer in recorder.layers:
         for name, store in (("G", recorder.forward_scores), ("gate", recorder.forward_logits)):
             values = store(layer).float()
@@ -310,8 +314,8 @@ class MentionScores(Metric):
         self.add_state("present", default=[], dist_reduce_fx="cat")
 
     def update(self, scores: Tensor, present: Tensor) -> None:
-        self.scores.append(scores.double())
-        self.present.append(present.bool())
+        self.scores.append(scores.to(self.device, torch.float64))  # on the metric's device: NCCL gathers there
+        self.present.append(present.to(self.device, torch.bool))
 
     def compute(self) -> tuple[Tensor, Tensor]:
         if not len(self.scores):  # no mention anywhere (a list before a sync, a tensor after)

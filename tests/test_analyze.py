@@ -219,3 +219,13 @@ def test_attention_readout_equals_eager_attention_and_the_gate_formula(family: s
             scaled[..., image] *= g
             expected = (scaled / scaled.sum(-1, keepdim=True)).mean(1)[:, image]
             assert torch.allclose(gated.attention[layer][b, : len(row)], expected, atol=1e-5)
+
+
+def test_probed_categories_are_the_most_hallucinated_then_the_most_frequent() -> None:
+    from lightning_app.analysis import Collected, probe_categories
+
+    presence = {1: frozenset({"cup", "fork"}), 2: frozenset({"fork"}), 3: frozenset({"bowl", "fork", "cup"})}
+    rows = [{"mode": "lemma", "category": c, "present": False} for c in ("bowl", "knife", "knife")]
+    rows += [{"mode": "reference", "category": "cup", "present": False}]  # another mode: not counted
+    collected = Collected(layers=[0], words=None, presence=presence, rows=rows, image_ids=[1, 2, 3])
+    assert probe_categories(collected, "lemma", 3) == ["bowl", "fork", "cup"]  # knife is in no image: no probe
