@@ -222,11 +222,11 @@ def main() -> None:
         results = [run(name, backbone, batches, args) for name in args.strategies]
     device = torch.cuda.get_device_name() if args.accelerator == "gpu" else f"CPU x{torch.get_num_threads()} threads"
     print(f"{args.shape}-shaped LLaVA, {device} x{args.devices}; batch {args.batch_size} x "
-          f"{shape.image_tokens + args.text + 4} tokens per device (+{args.batch_size // 2} negative rows); "
+          f"{shape.image_tokens + args.text} tokens per device (+{args.batch_size // 2} negative rows); "
           f"{args.steps} timed steps after {args.warmup}; trainable {results[0]['trainable']:,}")
     if args.json:
         setup = {"device": device, "devices": args.devices, "shape": args.shape, "batch_size": args.batch_size,
-                 "tokens_per_row": shape.image_tokens + args.text + 4, "negative_rows": args.batch_size // 2,
+                 "tokens_per_row": shape.image_tokens + args.text, "negative_rows": args.batch_size // 2,
                  "steps": args.steps, "warmup": args.warmup, "peak_tflops": args.peak_tflops}
         with open(args.json, "w") as f:
             rows = [{k: None if v != v else v for k, v in r.items()} for r in results]  # NaN (no GPU peak): null
