@@ -75,7 +75,7 @@ else
     SHAPE=7b WORLD_SIZES='"num_train": 128, "num_val": 8'  # 384 caption rows: 24 batches of 16
     FIT_ARGS=(--trainer.devices 1 --trainer.max_steps 20 --trainer.val_check_interval 20 --trainer.log_every_n_steps 5
               --data.init_args.batch_size 16 --data.init_args.val_batch_size 8 --data.init_args.max_val_images 8
-              --data.init_args.max_val_questions 8 --data.init_args.num_workers 4
+              --data.init_args.max_val_questions 8 --data.init_args.num_workers 0
               --model.init_args.generation.caption_max_new_tokens 32)
     DECODING_ARGS=(--models cpu --device cuda --batches 1,32 --reps 2 --new-tokens 16)
 fi

@@ -99,6 +99,29 @@ def test_smoke_figures_come_from_each_script(smoke) -> None:
     assert all(r["small"] > 0 and r["large"] > 0 for r in rows)
 
 
+def test_gpu_summary_judges_the_targets(smoke) -> None:
+    """The same summary as a GPU run's: each target gets its verdict from the figures (ZeRO-2's MFU, the overhead
+    ratios, greedy's batch speedup, grounded decoding's cost)."""
+    import copy
+
+    from benchmarks.gpu_summary import markdown
+
+    summary = copy.deepcopy(smoke[1])
+    summary["mode"] = "gpu"
+    steps = {s["step"]: s for s in summary["steps"]}
+    zero2 = copy.deepcopy(steps["zero_ddp"]["figures"])
+    zero2["results"][0].update(strategy="zero2", mfu=0.41, mfu_6n=0.55, peak_gib=30.0)
+    steps["zero_zero2"].update(status="ok", figures={**zero2, "estimate_gib": 30.2})
+    steps["overhead"]["figures"]["cases"]["prefill"]["ratio_median"] = 1.01
+    steps["overhead"]["figures"]["cases"]["fwd+bwd"]["ratio_median"] = 1.03
+    text = markdown(summary)
+    assert "| zero2 | " in text and "| 30.0 | 30.2 | 41.0% | 55.0% | meets |" in text
+    row = {case: text.split(f"| {case} |")[1].split("\n")[0] for case in ("prefill", "fwd+bwd")}
+    assert "| 1.010 |" in row["prefill"] and row["prefill"].endswith("| meets |")
+    assert row["fwd+bwd"].endswith("| **misses** |")
+    assert "n/a (smoke sizes)" not in text
+
+
 def test_gpu_mode_without_cuda_stops_at_the_environment_check(tmp_path: Path) -> None:
     proc = _suite(tmp_path, "--only", "decoding")
     assert proc.returncode == 1
