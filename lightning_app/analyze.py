@@ -166,7 +166,8 @@ def run(module: Any, datamodule: Any, run_dir: Path, device: torch.device, args:
     module.configure_model()
     if checkpoint is not None:
         load_checkpoint(module, checkpoint)
-    module.to(device)
+    if module.quantization == "none":  # bitsandbytes weights are placed on the GPU as they load
+        module.to(device)
     module.model.eval()
     base = module._base()
     words = module.object_words() if module.grounding.word_score and module.grounding.enabled else None
