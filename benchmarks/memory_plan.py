@@ -126,7 +126,9 @@ class ParamCounts:
 
 def read_run_settings(path: Path, gpus: int) -> RunSettings:
     """Per-GPU batch = data.batch_size (global, divided by the processes) / gpus; the rest from model.init_args."""
-    cfg = yaml.safe_load(path.read_text())
+    from lightning_app.suite_cli import merged_config
+
+    cfg = merged_config(path)  # overlay configs (llava13b.yaml on llava7b.yaml) with their bases
     data, model, trainer = cfg["data"]["init_args"], cfg["model"]["init_args"], cfg["trainer"]
     global_batch = int(data["batch_size"])
     if global_batch % gpus:

@@ -82,6 +82,25 @@ def _config_chain(value: str, seen: set[Path]) -> list[str]:
     return [*chain, "--config", yaml.safe_dump(content, sort_keys=False)]
 
 
+def merged_config(path: str | Path) -> dict:
+    """The keys of config file ``path`` after its bases (``config:``), merged as the CLI merges them: nested dicts
+    key by key, anything else replaced. For tools that read a config without the CLI (benchmarks, sweep)."""
+    items = expand_config_bases(["--config", str(path)])
+    merged: dict = {}
+    for text in items[1::2]:
+        layer = yaml.safe_load(Path(text).read_text()) if Path(text).is_file() else yaml.safe_load(text)
+        _merge(merged, layer or {})
+    return merged
+
+
+def _merge(into: dict, layer: dict) -> None:
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
 class SuiteCLI(LightningCLI):
     """LightningCLI with the suite's run layout; prints ``report.md`` and the run directory after fit, validate, test."""
 

@@ -25,8 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 __all__ = ["main", "row_metrics", "summarise"]
 
 METRICS = (  # key, column title, scale
@@ -39,12 +37,10 @@ METRICS = (  # key, column title, scale
 
 
 def _builds_demo_backbone(config: Path) -> bool:
-    """Whether ``config`` (or a base it names with ``config:``) sets ``data.init_args.demo_backbone``."""
-    data = yaml.safe_load(config.read_text()) or {}
-    if (data.get("data") or {}).get("init_args", {}).get("demo_backbone") is not None:
-        return True
-    base = data.get("config")
-    return bool(base) and _builds_demo_backbone((config.parent / base).resolve())
+    """Whether ``config`` (with its bases) sets ``data.init_args.demo_backbone``."""
+    from lightning_app.suite_cli import merged_config
+
+    return ((merged_config(config).get("data") or {}).get("init_args") or {}).get("demo_backbone") is not None
 
 
 def latest_version(run: Path) -> Path | None:

@@ -81,3 +81,15 @@ def test_sweep_runs_every_seed_once(tmp_path: Path) -> None:
           *extra])
     assert (root / "word_s0" / "sweep.json").stat().st_mtime_ns == stamp  # not fitted again
     assert json.loads((root / "results.json").read_text())["word"][0] == pytest.approx(results["word"][0], nan_ok=True)
+
+
+def test_merged_config_follows_bases_like_the_cli() -> None:
+    """Tools that read a config without the CLI (memory_plan.py, sweep) see the overlay merged onto its bases."""
+    from lightning_app.suite_cli import merged_config
+
+    big, base = merged_config(REPO / "configs" / "llava13b.yaml"), merged_config(REPO / "configs" / "llava7b.yaml")
+    assert big["model"]["init_args"]["lora"] == base["model"]["init_args"]["lora"]  # only in the base
+    assert big["model"]["init_args"]["backbone"] != base["model"]["init_args"]["backbone"]  # the overlay's own
+    combo = merged_config(REPO / "configs" / "experiments" / "combination.yaml")
+    assert combo["run_name"] == "combination" and combo["model"]["init_args"]["objective"]["lambda_word"] == 1.0
+    assert combo["data"]["init_args"]["world"]["root"] == "data/world"  # from demo.yaml, three bases down
