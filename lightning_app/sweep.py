@@ -32,8 +32,11 @@ METRICS = (  # key, column title, scale
     ("pope_accuracy", "POPE acc", 100), ("pope_f1", "POPE F1", 100),
     ("absent_with_anchor", "companion where absent: with anchor", 100),
     ("absent_elsewhere", "elsewhere", 100), ("present", "companion when present", 100),
-    ("auroc", "grounding AUROC", 1), ("wall_s", "wall s", 1),
+    ("detection_auroc", "word-score AUROC: objects in image vs not", 1),
+    ("mention_auroc_G", "G AUROC: present vs hallucinated mentions", 1),
+    ("mention_auroc_lm", "LM log-prob AUROC: mentions", 1), ("wall_s", "wall s", 1),
 )
+
 
 
 def _builds_demo_backbone(config: Path) -> bool:
@@ -58,19 +61,38 @@ def row_metrics(report: dict, analysis: dict | None, wall: float | None) -> dict
            "pope_accuracy": first.get("accuracy", nan), "pope_f1": first.get("f1", nan),
            "absent_with_anchor": probe.get("rate_absent_with_anchor", nan),
            "absent_elsewhere": probe.get("rate_absent_elsewhere", nan), "present": probe.get("recall_when_present", nan),
-           "auroc": nan, "wall_s": wall if wall is not None else nan}
+           "detection_auroc": nan, "mention_auroc_G": nan, "mention_auroc_lm": nan,
+           "wall_s": wall if wall is not None else nan}
     if analysis is not None:
-        out["auroc"] = float(analysis.get("headline", {}).get("auroc", nan))
+        out.update(analysis_metrics(analysis))
     return out
 
 
-def _mean_std(values: list[float], scale: float) -> str:
+def analysis_metrics(analysis: dict) -> dict[str, float]:
+    """AUROCs of an ``analysis.json``: the candidate-word score over every image x category (``detection``),
+    and over the captions' object mentions (present vs hallucinated) the gate score G at its own position in the
+    deepest grounded layer and the LM's log-probability. NaN where the run has no such signal (or no
+    hallucinated mention)."""
+    nan = float("nan")
+    mentions = (analysis.get("mentions") or {}).get(analysis.get("chair_mode", "reference")) or {}
+    auroc = mentions.get("auroc") or {}
+    own = sorted((k for k in auroc if k.startswith("G_own/L")), key=lambda k: int(k.rsplit("L", 1)[1]))
+
+    def num(value: object) -> float:
+        return float(value) if isinstance(value, (int, float)) else nan
+
+    return {"detection_auroc": num((analysis.get("detection") or {}).get("auroc")),
+            "mention_auroc_G": num(auroc.get(own[-1])) if own else nan,
+            "mention_auroc_lm": num(auroc.get("lm_logprob"))}
+
+
+def _mean_std(values: list[float], scale: float, digits: int = 1) -> str:
     values = [v * scale for v in values if v == v]
     if not values:
         return "n/a"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def summarise(rows: dict[str, list[dict[str, float]]]) -> str:
@@ -78,7 +100,7 @@ def summarise(rows: dict[str, list[dict[str, float]]]) -> str:
     head = "| row | seeds | " + " | ".join(title for _, title, _ in METRICS) + " |"
     lines = [head, "| --- | ---: |" + " ---: |" * len(METRICS)]
     for name, runs in rows.items():
-        cells = [_mean_std([r[key] for r in runs], scale) for key, _, scale in METRICS]
+        cells = [_mean_std([r[key] for r in runs], scale, 2 if "auroc" in key else 1) for key, _, scale in METRICS]
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -104,8 +104,9 @@ def build_model(tokenizer: PreTrainedTokenizerFast, config: TinyLlavaConfig) -> 
                         vocab=len(tokenizer), intermediate=4 * config.text_hidden, tie_word_embeddings=False, **special)
     llava = llava_config(vision, text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                          pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(config.seed)
-    model = LlavaForConditionalGeneration(llava)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG (seed_everything) is left as it was
+        torch.manual_seed(config.seed)
+        model = LlavaForConditionalGeneration(llava)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id

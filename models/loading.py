@@ -174,7 +174,9 @@ def _with_peft(model: torch.nn.Module, settings: BackboneSettings) -> torch.nn.M
     if settings.adapter is not None:
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, settings.adapter, is_trainable=True)
+        peft_model = PeftModel.from_pretrained(model, settings.adapter, is_trainable=True)
+        _check_adapter_matches(peft_model, settings.adapter)
+        return peft_model
     if settings.lora is None:
         return model
     from peft import LoraConfig, get_peft_model
@@ -184,6 +186,20 @@ def _with_peft(model: torch.nn.Module, settings: BackboneSettings) -> torch.nn.M
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         modules_to_save=["grounding_gate", *lora.modules_to_save],
     ))
+
+
+def _check_adapter_matches(model: torch.nn.Module, adapter: str) -> None:
+    """An adapter saved under another grounding recipe (e.g. ``grounding.word_score``) must not load half-way."""
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    saved = set(load_peft_weights(adapter, device="cpu"))
+    expected = set(get_peft_model_state_dict(model))
+    unused, missing = sorted(saved - expected), sorted(expected - saved)
+    if unused or missing:
+        detail = "; ".join(f"{label}: {keys[:3]}" for label, keys in (("in the adapter only", unused),
+                                                                        ("in the model only", missing)) if keys)
+        raise ValueError(f"adapter {adapter} does not fit this model's grounding/LoRA settings ({detail}); "
+                         "use the model.grounding and model.lora settings it was trained with")
 
 
 def load_backbone(settings: BackboneSettings) -> tuple[torch.nn.Module, Any]:

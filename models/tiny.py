@@ -278,9 +278,10 @@ def write_tiny_backbone(family: str, directory: str | Path, texts: Iterable[str]
         )
     if len(tokenizer) > VOCAB:
         raise ValueError(f"write_tiny_backbone: the tokenizer has {len(tokenizer)} tokens, the tiny models {VOCAB}")
-    torch.manual_seed(seed)
     t5 = family.endswith("_t5")
-    model = TINY_FACTORIES[family](layers=text_layers)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
+        torch.manual_seed(seed)
+        model = TINY_FACTORIES[family](layers=text_layers)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     model.config.image_token_id = image_token  # the trained tokenizer's placeholder, not the default VOCAB - 1
     for config in (model.config, model.config.get_text_config(), model.generation_config):

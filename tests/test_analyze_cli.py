@@ -15,9 +15,10 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from PIL import Image
 
 from datamodules.world import WorldConfig, generate_world
-from lightning_app.analyze import main
+from lightning_app.analyze import _parser, main, run
 from lightning_app.suite_cli import SuiteCLI
 from metrics.chair_gt import build_coco_ground_truth
+from models import gate_modules
 from models.tiny import write_tiny_backbone
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +83,27 @@ def test_analyze_writes_its_files_on_every_backbone_family(config: str, world: P
     assert "captions" in payload["figures"]
     for path in payload["figures"].values():
         assert (run_dir / path).stat().st_size > 1000 and f"]({path})" in report
+
+
+def test_analyze_reads_a_lora_adapter_without_a_checkpoint(world: Path, tmp_path: Path) -> None:
+    """``--model.init_args.adapter RUN_DIR/adapter`` (what a LoRA run exports) instead of ``--ckpt_path``."""
+    tiny = write_tiny_backbone("llava", tmp_path / "tiny", ["a fork and a knife"], text_layers=8)
+    args = _family_args("llava7b.yaml", world, tiny, tmp_path / "runs")
+    module = _cli(args).model
+    module.configure_model()
+    with torch.no_grad():  # trained-looking gates, so that loading them is visible
+        for name, param in module.model.named_parameters():
+            if "grounding_gate" in name and name.endswith("bias"):
+                param.fill_(-1.5)
+    module.model.save_pretrained(tmp_path / "adapter")
+    cli = _cli([*args, "--model.init_args.adapter", str(tmp_path / "adapter")])
+    options = _parser().parse_args(["--examples", "1", "--probe_folds", "2"])
+    run_dir = tmp_path / "analysis"
+    payload = run(cli.model, cli.datamodule, run_dir, torch.device("cpu"), options, checkpoint=None)
+    assert payload["adapter"] == str(tmp_path / "adapter") and payload["checkpoint"] is None
+    biases = [float(gate.bias) for gate in gate_modules(cli.model.model).values()]
+    assert biases == [-1.5] * 8  # the adapter's gates, not fresh ones
+    assert json.loads((run_dir / "analysis.json").read_text())["images"] == 6
 
 
 def _demo_args(world: Path, root: Path, *extra: str) -> list[str]:
@@ -174,6 +196,7 @@ def test_bad_input_is_a_clear_error(world: Path, taught: dict, tmp_path: Path, c
     assert "analyze needs the trained model: --ckpt_path" in _error(args, capsys)
     assert f"--ckpt_path {tmp_path / 'none.ckpt'}: no such checkpoint file" in _error(
         [*args, "--ckpt_path", str(tmp_path / "none.ckpt")], capsys)
+    assert "is a directory (a DeepSpeed checkpoint)" in _error([*args, "--ckpt_path", str(tmp_path)], capsys)
     off = ["--model.init_args.grounding.enabled", "false", "--model.init_args.grounding.word_score", "false",
            "--model.init_args.objective.lambda_grounding", "0", "--model.init_args.objective.lambda_contrastive", "0",
            "--model.init_args.objective.lambda_word", "0"]

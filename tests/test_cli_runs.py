@@ -171,8 +171,13 @@ def test_lora_run_saves_small_checkpoints_and_validates_from_either(tmp_path: Pa
     assert [e["caption"] for e in again["examples"]] == [e["caption"] for e in report["examples"]]
     from models import GroundedVLM, GroundingConfig
 
-    loaded = GroundedVLM(backbone=str(_backbone(tmp_path)), grounding=GroundingConfig(layers=[-1]), adapter=str(adapter))
+    loaded = GroundedVLM(backbone=str(_backbone(tmp_path)), grounding=GroundingConfig(layers=[-1], word_score=True),
+                         adapter=str(adapter))
     loaded.configure_model()
+    # the demo's adapter holds the candidate-word head: a model built without it refuses the adapter, naming it
+    mismatched = GroundedVLM(backbone=str(_backbone(tmp_path)), grounding=GroundingConfig(layers=[-1]), adapter=str(adapter))
+    with pytest.raises(ValueError, match="does not fit"):
+        mismatched.configure_model()
     state = loaded.state_dict()
     assert any(("lora_B" in k) and ckpt["state_dict"][k].abs().sum() > 0 for k in keys)  # the adapters did train
     for key in keys:  # the adapter directory holds exactly the checkpoint's trained tensors

@@ -69,3 +69,14 @@ def test_rebuild_is_idempotent_and_config_mismatch_is_an_error(backbone: Path) -
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="TinyLlavaConfig.image_size"):
         TinyLlavaConfig(image_size=30, patch_size=4)
+
+
+def test_building_leaves_the_callers_random_state_alone(tmp_path: Path) -> None:
+    """The grounding head is initialised after the backbone is built: a run that builds the backbone must start
+    from the same random state as one that finds it built (else its first run is not reproducible)."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    build_demo_backbone(["a red cup and a fork", "a knife on a table"], tmp_path / "bb",
+                        TinyLlavaConfig(text_hidden=32, text_layers=1, text_heads=2, vision_hidden=16, vision_layers=1))
+    assert torch.equal(torch.rand(4), expected)

@@ -63,7 +63,7 @@ def test_overlay_configs_expand_to_base_then_overlay(tmp_path: Path) -> None:
     assert argv[:3] == ["fit", "--config", str(REPO / "configs" / "demo.yaml")]
     overlay = yaml.safe_load(argv[4])
     assert "config" not in overlay and overlay["run_name"] == "baseline"
-    assert overlay["model"]["init_args"]["grounding"] == {"enabled": False}
+    assert overlay["model"]["init_args"]["grounding"] == {"enabled": False, "word_score": False}
     assert argv[5:] == ["--trainer.max_steps", "3"]
     plain = ["validate", "--config=" + str(REPO / "configs" / "demo.yaml")]
     assert expand_config_bases(plain) == ["validate", "--config", str(REPO / "configs" / "demo.yaml")]

@@ -55,8 +55,20 @@ def test_table_is_mean_and_sample_std_of_the_reports() -> None:
     assert cells[0] == "a" and cells[1] == "2"
     assert cells[3] == f"{15.0:.1f} ± {statistics.stdev([10.0, 20.0]):.1f}"  # CHAIRi in percent
     assert cells[7] == f"{70.0:.1f} ± {statistics.stdev([80.0, 60.0]):.1f}"  # companion named where absent
-    assert cells[11] == f"{110.0:.1f} ± {statistics.stdev([100.0, 120.0]):.1f}"  # wall seconds
-    assert cells[10] == "n/a"  # no analysis.json: no AUROC
+    assert cells[13] == f"{110.0:.1f} ± {statistics.stdev([100.0, 120.0]):.1f}"  # wall seconds
+    assert cells[10:13] == ["n/a"] * 3  # no analysis.json: no AUROC
+
+
+def test_table_reads_the_aurocs_of_analysis_json() -> None:
+    report = {"chair": {"CHAIRs": 0.5, "CHAIRi": 0.1, "Recall": 0.9}}
+    analysis = {"chair_mode": "lemma", "detection": {"auroc": 0.875},
+                "mentions": {"reference": {"auroc": {"G_own/L3": 0.1, "lm_logprob": 0.2}},
+                             "lemma": {"auroc": {"G_own/L3": 0.25, "G_own/L11": 0.625, "lm_logprob": None}}}}
+    rows = {"r": [row_metrics(report, analysis, 1.0), row_metrics(report, {**analysis, "detection": {"auroc": 0.625}}, 1.0)]}
+    assert rows["r"][0]["detection_auroc"] == 0.875 and rows["r"][0]["mention_auroc_G"] == 0.625  # deepest layer
+    assert rows["r"][0]["mention_auroc_lm"] != rows["r"][0]["mention_auroc_lm"]  # null (no hallucination): NaN
+    cells = [c.strip() for c in summarise(rows).splitlines()[2].split("|")[1:-1]]
+    assert cells[10:13] == [f"0.75 ± {statistics.stdev([0.875, 0.625]):.2f}", "0.62 ± 0.00", "n/a"]
 
 
 def test_sweep_runs_every_seed_once(tmp_path: Path) -> None:
