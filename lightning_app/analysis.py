@@ -223,6 +223,8 @@ def report_markdown(payload: dict) -> str:
              f"{'on' if payload['grounding']['enabled'] else 'off'} "
              f"(layers {payload['grounding']['layers']}, word score {payload['grounding']['word_score']}), decoding "
              f"`{payload['generation']['method']}`. {payload['seconds']['per_100_images']} s per 100 images.", "",
+             *([f"Captions scored: `{payload['captions_from']}` (another run's), not this model's own.", ""]
+               if payload.get("captions_from") else []),
              "AUROC of each signal, present vs hallucinated object mentions (0.5 = chance; docs/analysis.md):", "",
              "| signal | " + " | ".join(MODES) + " |", "| --- |" + " ---: |" * len(MODES)]
     for s in payload["signals"]:

@@ -11,7 +11,8 @@ run (``ROOT/NAME/version_N``, :mod:`lightning_app.run_layout`):
 * ``report.md`` with the figures under ``figures/`` (:mod:`models.figures`).
 
 ``--model.init_args.adapter RUN_DIR/adapter`` analyses a LoRA run without ``--ckpt_path``; ``--ckpt_path none``
-analyses the backbone as loaded. Every other argument is LightningCLI's (``--config``, ``--data.init_args...``).
+analyses the backbone as loaded. ``--captions FILE`` scores another run's captions (e.g. the baseline's
+``captions.jsonl``) with this model's signals instead of captioning. Every other argument is LightningCLI's (``--config``, ``--data.init_args...``).
 What each number means: docs/analysis.md.
 """
 
@@ -28,7 +29,7 @@ import torch
 
 from lightning_app.analysis import MODES, Collected, analysis_payload, draw_figures, report_markdown, write_rows
 
-__all__ = ["AnalyzeError", "load_checkpoint", "main", "run", "validation_presence"]
+__all__ = ["AnalyzeError", "caption_tokens", "load_checkpoint", "main", "read_captions", "run", "validation_presence"]
 
 RECIPE_KEYS = ("grounding", "lora", "freeze_vision")
 
@@ -48,7 +49,39 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--probe_categories", type=int, default=20, help="categories probed: the most hallucinated, "
                         "then the most frequent (each costs folds x (grounded layers + 1) fits)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probes' folds")
+    parser.add_argument("--captions", help="score these captions (JSON lines of image_id and caption, e.g. another "
+                        "run's captions.jsonl) instead of the model's own: how this model's signals judge another "
+                        "model's hallucinations")
     return parser
+
+
+def read_captions(path: str | Path) -> dict[int, str]:
+    """Image id -> caption from a JSON-lines file (``captions.jsonl`` of ``analyze``, ``predict``'s output)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AnalyzeError(f"--captions {path}: no such file")
+    out: dict[int, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out[int(row["image_id"])] = str(row["caption"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise AnalyzeError(f"--captions {path}:{number}: expected a JSON object with image_id and caption "
+                               f"({type(err).__name__}: {err})") from None
+    if not out:
+        raise AnalyzeError(f"--captions {path}: no captions in the file")
+    return out
+
+
+def caption_tokens(tokenizer: Any, captions: dict[int, str], image_ids: list, source: str) -> list[list[int]]:
+    """The given captions of ``image_ids`` as token lists (no special tokens), in place of generated ones."""
+    missing = [i for i in image_ids if int(i) not in captions]
+    if missing:
+        raise AnalyzeError(f"--captions {source} has no caption for validation images {missing[:5]} "
+                           f"({len(missing)} in this batch): use the captions of a run on the same validation split")
+    return [tokenizer(captions[int(i)], add_special_tokens=False)["input_ids"] for i in image_ids]
 
 
 def _require_extras() -> None:
@@ -153,6 +186,7 @@ def run(module: Any, datamodule: Any, run_dir: Path, device: torch.device, args:
 
     from models.diagnostics import forced_pass, generated_tokens, grounded_layers, mention_rows
 
+    given = read_captions(args.captions) if getattr(args, "captions", None) else None
     try:
         datamodule.prepare_data()
     except FileNotFoundError:
@@ -178,14 +212,17 @@ def run(module: Any, datamodule: Any, run_dir: Path, device: torch.device, args:
     start = time.perf_counter()
     for batch in tqdm(datamodule.val_dataloader()[0], desc="analyze", unit="batch", file=sys.stderr):
         batch = _to(batch, device)  # loader 0: the captioning prompts (datamodules.evaluation)
-        new = module.generate_tokens(batch, module.generation.caption_max_new_tokens)
-        tokens = generated_tokens(new.cpu(), module.eos_token_id(), base.config.image_token_id)
+        if given is None:
+            new = module.generate_tokens(batch, module.generation.caption_max_new_tokens)
+            tokens = generated_tokens(new.cpu(), module.eos_token_id(), base.config.image_token_id)
+        else:
+            tokens = caption_tokens(module.tokenizer, given, list(batch["image_ids"]), args.captions)
         forced = forced_pass(module.model, module._model_inputs(batch), tokens, module.tokenizer.pad_token_id)
         captions, rows = mention_rows(module.tokenizer, tokens, batch["image_ids"], forced, truth, word_index,
                                       attention_layer=max(layers) if layers else None)
         collected.add(batch["image_ids"], captions, rows, forced)
     collected.seconds["captions_and_signals"] = time.perf_counter() - start
-    payload = {"checkpoint": checkpoint, "adapter": module.adapter,
+    payload = {"checkpoint": checkpoint, "adapter": module.adapter, "captions_from": getattr(args, "captions", None),
                **analysis_payload(collected, module, args.probe_folds, args.seed, args.probe_categories)}
     started = time.perf_counter()
     payload["figures"] = draw_figures(collected, payload, run_dir, datamodule.processor.image_processor,
@@ -210,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         if checkpoint is not None and not Path(checkpoint).exists():
             raise AnalyzeError(f"--ckpt_path {checkpoint}: no such checkpoint file")
         _require_extras()
+        if args.captions:
+            read_captions(args.captions)
     except AnalyzeError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -8,6 +8,7 @@ data's biased companions are named where absent, and writes ``report.json`` / ``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -46,6 +47,7 @@ from models.objective import (
     nanmean_layers,
     negative_lm_loss,
 )
+from models.presence import PresenceHead, capture_lm_inputs, presence_dim, presence_logits
 from models.word_grounding import ObjectWords, object_words, set_object_words, word_logits, word_loss
 from models.diagnostics import MentionScores, report_signal, validation_mention_scores
 from models.report import annotated_examples, grounding_diagnostics, logged_metrics, probe_rates, write_report
@@ -187,6 +189,7 @@ class GroundedVLM(LightningModule):
         self.tokenizer = None
         self.categories: tuple[str, ...] = ()  # the dataset's object categories (EvaluationSpec), for word scores
         self._object_words: ObjectWords | None = None
+        self.presence_head: PresenceHead | None = None  # objective.lambda_presence: a training-only control head
         self._examples: list[dict] = []
         self.mention_scores: MentionScores | None = None
         self.last_report: dict | None = None
@@ -196,6 +199,11 @@ class GroundedVLM(LightningModule):
         """Load the backbone, add grounding and LoRA (under ZeRO-3 ``setup`` has done it: see ``load_model``)."""
         if self.model is None:
             self.load_model()
+        if self.objective.lambda_presence and self.presence_head is None:
+            if not self.categories:
+                raise ValueError("model.objective.lambda_presence needs the dataset's object categories: the "
+                                 "datamodule's evaluation spec lists none (no instance annotations?)")
+            self.presence_head = PresenceHead(presence_dim(self.model), len(self.categories))
 
     def zero3_config(self) -> dict | None:
         """The DeepSpeed config when the trainer shards parameters with ZeRO-3 (see ``models.loading``)."""
@@ -266,14 +274,20 @@ class GroundedVLM(LightningModule):
             )
         rec = GroundingRecorder() if self.grounding.enabled else None
         extra = {"grounding_scores": rec} if rec is not None else {}
-        if self.lm_loss_reduction == "token":
-            out = self.model(**self._model_inputs(batch), labels=batch["labels"], **extra)
-            loss = out.loss
-        else:
-            out = self.model(**self._model_inputs(batch), **extra)
-            loss = lm_loss(out.logits, batch["labels"], self.lm_loss_reduction, shift=not self.encoder_decoder)
+        capture = capture_lm_inputs(self.model) if self.presence_head is not None else contextlib.nullcontext({})
+        with capture as captured:
+            if self.lm_loss_reduction == "token":
+                out = self.model(**self._model_inputs(batch), labels=batch["labels"], **extra)
+                loss = out.loss
+            else:
+                out = self.model(**self._model_inputs(batch), **extra)
+                loss = lm_loss(out.logits, batch["labels"], self.lm_loss_reduction, shift=not self.encoder_decoder)
         logs = {"train/lm": loss.detach()}
         loss = loss + self._extra_terms(batch, rec, logs)
+        if self.presence_head is not None:
+            l_p = self._presence_loss(batch, captured)
+            loss = loss + self.objective.lambda_presence * l_p
+            logs["train/presence"] = l_p.detach()
         logs["train/loss"] = loss.detach()
         self.log_dict(logs, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
@@ -325,6 +339,15 @@ class GroundedVLM(LightningModule):
         tokens, category = self.object_words().tensors(batch["object_presence"].device)
         return word_loss(word_logits(self._base(), rec, tokens), batch["object_presence"], category,
                          batch.get("object_presence_known"))
+
+    def _presence_loss(self, batch: dict, captured: dict) -> Tensor:
+        if "object_presence" not in batch:
+            raise ValueError("model.objective.lambda_presence needs object presence labels in the batch: the training "
+                             "data must come from COCO-format instance annotations (data.coco_dir or data.world)")
+        logits = presence_logits(self.presence_head, captured, self.model, batch["input_ids"])  # (B, C)
+        presence = batch["object_presence"]
+        every = torch.arange(presence.shape[1], device=presence.device)  # word_loss with one "word" per category
+        return word_loss(logits, presence, every, batch.get("object_presence_known"))
 
     def configure_optimizers(self) -> dict:
         params = [p for p in self.parameters() if p.requires_grad]

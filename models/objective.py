@@ -1,10 +1,11 @@
 """The training objective::
 
     L = L_LM(positive) + lambda_grounding * L_grounding + lambda_contrastive * L_contrastive
-        + lambda_word * L_word + lambda_negative_lm * L_negative_lm
+        + lambda_word * L_word + lambda_negative_lm * L_negative_lm + lambda_presence * L_presence
 
 DESIGN.md section 4. The LM loss is computed on positive captions only. ``L_word`` trains the candidate-word score
-(:mod:`models.word_grounding`) against object presence; ``L_negative_lm`` is an LM-side term on negatives at their
+(:mod:`models.word_grounding`) against object presence, ``L_presence`` the same labels from pooled image tokens
+(:mod:`models.presence`, a control); ``L_negative_lm`` is an LM-side term on negatives at their
 first hallucinated word (:func:`negative_lm_loss`). Scores and gate logits come from :class:`models.grounding.GroundingRecorder` (NaN where a
 token has no score), labels from the collator (:mod:`datamodules.collate`; ``IGNORE`` = -100 outside targets).
 """
@@ -40,6 +41,8 @@ class ObjectiveConfig:
         lambda_negative_lm: weight of ``L_negative_lm`` on the rows that carry a negative caption.
         negative_lm: ``unlikelihood`` (``-log(1 - p(w_neg))`` at the first hallucinated token) or ``margin``
             (``-log sigmoid(log p(x_pos) - log p(x_neg))`` where positive and negative first differ).
+        lambda_presence: weight of ``L_presence``, the same BCE as ``L_word`` from a linear head on the mean image
+            token at the LM input (:mod:`models.presence`): a control without grounding.
     """
 
     lambda_grounding: float = 0.1
@@ -49,13 +52,15 @@ class ObjectiveConfig:
     lambda_word: float = 0.0
     lambda_negative_lm: float = 0.0
     negative_lm: Literal["unlikelihood", "margin"] = "margin"
+    lambda_presence: float = 0.0
 
     def __post_init__(self) -> None:
         if self.grounding_loss not in ("direct", "object", "bce"):
             raise ValueError(f"ObjectiveConfig.grounding_loss must be direct, object or bce, got {self.grounding_loss!r}")
         if self.negative_lm not in ("unlikelihood", "margin"):
             raise ValueError(f"ObjectiveConfig.negative_lm must be unlikelihood or margin, got {self.negative_lm!r}")
-        for name in ("lambda_grounding", "lambda_contrastive", "margin", "lambda_word", "lambda_negative_lm"):
+        for name in ("lambda_grounding", "lambda_contrastive", "margin", "lambda_word", "lambda_negative_lm",
+                     "lambda_presence"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}")
 

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 __all__ = ["annotated_examples", "grounding_diagnostics", "logged_metrics", "probe_rates", "report_markdown",
            "write_report"]
 
@@ -60,7 +62,9 @@ def grounding_diagnostics(scores: Any, present: Any, signal: str, mode: str, run
     with ``run_dir`` and matplotlib, its histogram ``grounding_scores.png`` there (else the block says why not)."""
     from models.diagnostics import auroc
 
-    scores, present = [float(s) for s in scores], [bool(p) for p in present]
+    # torchmetrics' compute squeezes a one-element result to 0-d: flatten before reading
+    scores = [float(s) for s in torch.as_tensor(scores).flatten()]
+    present = [bool(p) for p in torch.as_tensor(present).flatten()]
     kept = [(s, p) for s, p in zip(scores, present) if s == s]
     block = {"signal": signal, "chair_mode": mode, "auroc": auroc(scores, present),
              "n_present": sum(p for _, p in kept), "n_hallucinated": sum(not p for _, p in kept),

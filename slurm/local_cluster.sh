@@ -42,7 +42,7 @@ usage() {
 pid_of() {
     local name=$1 file=$DIR/run/$1.pid pid
     [[ -s $file ]] || return 1
-    pid=$(<"$file")
+    pid=$(cat "$file" 2>/dev/null) || return 1   # the daemon may remove its pid file as it stops
     [[ $pid =~ ^[0-9]+$ ]] || return 1
     [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]] || return 1
     tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$DIR/" || return 1

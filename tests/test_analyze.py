@@ -229,3 +229,16 @@ def test_probed_categories_are_the_most_hallucinated_then_the_most_frequent() ->
     rows += [{"mode": "reference", "category": "cup", "present": False}]  # another mode: not counted
     collected = Collected(layers=[0], words=None, presence=presence, rows=rows, image_ids=[1, 2, 3])
     assert probe_categories(collected, "lemma", 3) == ["bowl", "fork", "cup"]  # knife is in no image: no probe
+
+
+def test_report_diagnostics_of_a_single_mention() -> None:
+    """One mention in the whole validation set: torchmetrics hands it back as 0-d tensors, the block still counts it."""
+    from models.diagnostics import MentionScores
+    from models.report import grounding_diagnostics
+
+    metric = MentionScores()
+    metric.update(torch.tensor([0.7], dtype=torch.float64), torch.tensor([True]))
+    metric.update(torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool))
+    block = grounding_diagnostics(*metric.compute(), "word_z", "reference", None)
+    assert (block["n_present"], block["n_hallucinated"], block["n_unscored"]) == (1, 0, 0)
+    assert block["auroc"] is None or block["auroc"] != block["auroc"]  # one class only: undefined

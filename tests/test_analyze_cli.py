@@ -101,7 +101,7 @@ def test_analyze_reads_a_lora_adapter_without_a_checkpoint(world: Path, tmp_path
     run_dir = tmp_path / "analysis"
     payload = run(cli.model, cli.datamodule, run_dir, torch.device("cpu"), options, checkpoint=None)
     assert payload["adapter"] == str(tmp_path / "adapter") and payload["checkpoint"] is None
-    biases = [float(gate.bias) for gate in gate_modules(cli.model.model).values()]
+    biases = [float(gate.bias.detach()) for gate in gate_modules(cli.model.model).values()]
     assert biases == [-1.5] * 8  # the adapter's gates, not fresh ones
     assert json.loads((run_dir / "analysis.json").read_text())["images"] == 6
 
@@ -182,6 +182,41 @@ def test_validate_report_has_the_grounding_diagnostics_of_analyze(world: Path, t
     mentions = analysis["mentions"][cli.model.chair_mode]
     assert (report["n_present"], report["n_hallucinated"]) == (mentions["n_present"], mentions["n_hallucinated"])
     assert report["auroc"] == pytest.approx(mentions["auroc"][signal], abs=1e-6)
+
+
+def test_captions_of_another_run_are_scored_with_this_models_signals(world: Path, taught: dict, tmp_path: Path,
+                                                                      capsys) -> None:
+    """``--captions FILE``: the file's captions are read in place of the model's own, their mentions judged by the
+    instance annotations, and a mention's image-level word score is the one the model gives that image anyway."""
+    main([*_demo_args(world, taught["root"]), "--ckpt_path", str(taught["ckpt"]), "--examples", "2"])
+    own = [json.loads(line) for line in (_version(taught["root"] / "grounded") / "mentions.jsonl").read_text().splitlines()]
+    ids = [json.loads(line)["image_id"] for line in
+           (_version(taught["root"] / "grounded") / "captions.jsonl").read_text().splitlines()]
+    other = {i: ("a knife and two cups." if n % 2 else "a cup.") for n, i in enumerate(ids)}
+    path = tmp_path / "captions.jsonl"
+    path.write_text("".join(json.dumps({"image_id": i, "caption": c}) + "\n" for i, c in other.items()))
+    main([*_demo_args(world, taught["root"]), "--ckpt_path", str(taught["ckpt"]), "--examples", "2",
+          "--captions", str(path)])
+    run_dir = _version(taught["root"] / "grounded")
+    payload = json.loads((run_dir / "analysis.json").read_text())
+    assert payload["captions_from"] == str(path) and "another run's" in (run_dir / "report.md").read_text()
+    assert {json.loads(line)["image_id"]: json.loads(line)["caption"]
+            for line in (run_dir / "captions.jsonl").read_text().splitlines()} == other
+    rows = [json.loads(line) for line in (run_dir / "mentions.jsonl").read_text().splitlines()]
+    truth = build_coco_ground_truth(world, mode="reference", use_cache=False)
+    expected = [(i, name, name in truth[i]) for i, c in other.items() for name in ("knife", "cup") if name in c]
+    assert [(r["image_id"], r["category"], r["present"]) for r in rows if r["mode"] == "reference"] == expected
+    if taught["word_score"]:
+        knife = {r["image_id"]: r["word_z"] for r in own if r["mode"] == "reference" and r["category"] == "knife"}
+        for r in rows:
+            if r["mode"] == "reference" and r["category"] == "knife":
+                assert r["word_z"] == pytest.approx(knife[r["image_id"]], abs=1e-4)
+    path.write_text(json.dumps({"image_id": ids[0], "caption": "a cup."}) + "\n")
+    assert "has no caption for validation images" in _error(
+        [*_demo_args(world, taught["root"]), "--ckpt_path", str(taught["ckpt"]), "--captions", str(path)], capsys)
+    path.write_text('{"image_id": 1}\nnot json\n')
+    assert f"--captions {path}:1: expected a JSON object with image_id and caption" in _error(
+        [*_demo_args(world, taught["root"]), "--ckpt_path", str(taught["ckpt"]), "--captions", str(path)], capsys)
 
 
 def _error(args: list[str], capsys) -> str:

@@ -44,6 +44,7 @@ def _commands(step: dict, kind: str) -> list[str]:
     return [c["command"] for c in step["commands"] if c["kind"] == kind]
 
 
+@pytest.mark.slow  # the whole suite in smoke mode: ~2 min on 2 cores
 def test_smoke_runs_every_step_and_writes_one_entry_each(smoke) -> None:
     proc, summary, markdown = smoke
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -56,6 +57,7 @@ def test_smoke_runs_every_step_and_writes_one_entry_each(smoke) -> None:
     assert "n/a (smoke sizes)" in markdown and "meets" not in markdown  # no target is judged on smoke sizes
 
 
+@pytest.mark.slow  # the whole suite in smoke mode: ~2 min on 2 cores
 def test_smoke_deepspeed_commands_reach_the_cpu_refusal(smoke) -> None:
     _, summary, _ = smoke
     steps = {s["step"]: s for s in summary["steps"]}
@@ -74,6 +76,7 @@ def test_smoke_deepspeed_commands_reach_the_cpu_refusal(smoke) -> None:
     assert " validate " in validate and "--ckpt_path" in validate and "zero2/checkpoints/last.ckpt" in validate
 
 
+@pytest.mark.slow  # the whole suite in smoke mode: ~2 min on 2 cores
 def test_smoke_figures_come_from_each_script(smoke) -> None:
     _, summary, _ = smoke
     figures = {s["step"]: s.get("figures") for s in summary["steps"]}
@@ -99,6 +102,7 @@ def test_smoke_figures_come_from_each_script(smoke) -> None:
     assert all(r["small"] > 0 and r["large"] > 0 for r in rows)
 
 
+@pytest.mark.slow  # the whole suite in smoke mode: ~2 min on 2 cores
 def test_gpu_summary_judges_the_targets(smoke) -> None:
     """The same summary as a GPU run's: each target gets its verdict from the figures (ZeRO-2's MFU, the overhead
     ratios, greedy's batch speedup, grounded decoding's cost)."""

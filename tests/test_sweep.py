@@ -20,6 +20,7 @@ def _config(path: Path) -> dict:
     return yaml.safe_load(_run(["fit", "--config", str(path), "--print_config"]).stdout)
 
 
+@pytest.mark.slow  # one --print_config per experiment: ~1.5 min
 def test_experiment_rows_set_their_own_knobs() -> None:
     assert {p.stem for p in EXPERIMENTS} >= {"baseline", "gate", "word", "word_decoding", "combination"}
     demo = _config(REPO / "configs" / "demo.yaml")

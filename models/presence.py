@@ -1,0 +1,84 @@
+"""A control for the candidate-word objective: object presence read from the pooled image tokens, no grounding.
+
+``objective.lambda_presence`` trains a linear head on the mean image token at the language model's input (the
+projector's output for LLaVA, the Q-Former's projected queries for BLIP-2) with the same labels and loss as
+``lambda_word`` (BCE against the image's object categories, from the instance annotations). It supervises the image
+tokens with the same information as the candidate-word score while leaving out everything that makes that score
+*grounding*: no per-word query, no patch-level max, no gate, and it works with ``grounding.enabled: false``. A
+training-only head: decoding never reads it. docs/results.md compares the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import Tensor, nn
+
+from models.backbones import backbone_spec, image_token_mask
+
+__all__ = ["PresenceHead", "capture_lm_inputs", "image_token_mean", "lm_input_image_mask", "presence_dim",
+           "presence_logits"]
+
+
+class PresenceHead(nn.Module):
+    """(B, T, D) LM input embeddings + (B, T) image-token mask -> (B, C) presence logits of C categories."""
+
+    def __init__(self, dim: int, categories: int) -> None:
+        super().__init__()
+        if categories < 1:
+            raise ValueError("the presence head needs the dataset's object categories (none given)")
+        self.proj = nn.Linear(dim, categories)
+
+    def forward(self, embeds: Tensor, image_mask: Tensor) -> Tensor:
+        return self.proj(image_token_mean(embeds, image_mask).to(self.proj.weight.dtype))
+
+
+def image_token_mean(embeds: Tensor, image_mask: Tensor) -> Tensor:
+    """(B, D) mean of ``embeds`` (B, T, D) over the positions of ``image_mask`` (B, T); rows without any: zeros."""
+    mask = image_mask.to(embeds.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (embeds * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+@contextlib.contextmanager
+def capture_lm_inputs(model: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """Within the block, ``captured["embeds"]`` is the ``inputs_embeds`` (B, T, D) the language model received in
+    the first forward (image features merged in) and ``captured["image_mask"]`` its image positions (B, T)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    language_model = backbone_spec(base).language_model(base)
+    captured: dict[str, Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if "embeds" in captured:
+            return
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise RuntimeError(f"{type(language_model).__name__} was called without inputs_embeds: the presence head "
+                               "reads the image tokens there")
+        captured["embeds"] = embeds
+
+    handle = language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def lm_input_image_mask(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """(B, T) image positions of ``input_ids`` as the language model sees them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return image_token_mask(base, input_ids, has_pixels=True)
+
+
+def presence_dim(model: nn.Module) -> int:
+    """Width of the language model's input embeddings."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return backbone_spec(base).language_model(base).get_input_embeddings().embedding_dim
+
+
+def presence_logits(head: PresenceHead, captured: dict[str, Tensor], model: nn.Module, input_ids: Tensor) -> Tensor:
+    """(B, C) logits of the head from what :func:`capture_lm_inputs` caught in the forward of ``input_ids``."""
+    if "embeds" not in captured:
+        raise RuntimeError("the language model ran no forward inside capture_lm_inputs")
+    embeds = captured["embeds"]
+    return head(embeds, lm_input_image_mask(model, input_ids).to(embeds.device))
