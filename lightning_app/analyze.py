@@ -12,7 +12,8 @@ run (``ROOT/NAME/version_N``, :mod:`lightning_app.run_layout`):
 
 ``--model.init_args.adapter RUN_DIR/adapter`` analyses a LoRA run without ``--ckpt_path``; ``--ckpt_path none``
 analyses the backbone as loaded. ``--captions FILE`` scores another run's captions (e.g. the baseline's
-``captions.jsonl``) with this model's signals instead of captioning. Every other argument is LightningCLI's (``--config``, ``--data.init_args...``).
+``captions.jsonl``) with this model's signals instead of captioning. Every other argument is LightningCLI's
+(``--config``, ``--data.init_args...``).
 What each number means: docs/analysis.md.
 """
 
@@ -186,7 +187,7 @@ def run(module: Any, datamodule: Any, run_dir: Path, device: torch.device, args:
 
     from models.diagnostics import forced_pass, generated_tokens, grounded_layers, mention_rows
 
-    given = read_captions(args.captions) if getattr(args, "captions", None) else None
+    given = read_captions(args.captions) if args.captions else None
     try:
         datamodule.prepare_data()
     except FileNotFoundError:
@@ -222,7 +223,7 @@ def run(module: Any, datamodule: Any, run_dir: Path, device: torch.device, args:
                                       attention_layer=max(layers) if layers else None)
         collected.add(batch["image_ids"], captions, rows, forced)
     collected.seconds["captions_and_signals"] = time.perf_counter() - start
-    payload = {"checkpoint": checkpoint, "adapter": module.adapter, "captions_from": getattr(args, "captions", None),
+    payload = {"checkpoint": checkpoint, "adapter": module.adapter, "captions_from": args.captions,
                **analysis_payload(collected, module, args.probe_folds, args.seed, args.probe_categories)}
     started = time.perf_counter()
     payload["figures"] = draw_figures(collected, payload, run_dir, datamodule.processor.image_processor,

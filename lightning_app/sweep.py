@@ -38,7 +38,6 @@ METRICS = (  # key, column title, scale
 )
 
 
-
 def _builds_demo_backbone(config: Path) -> bool:
     """Whether ``config`` (with its bases) sets ``data.init_args.demo_backbone``."""
     from lightning_app.suite_cli import merged_config

@@ -203,7 +203,7 @@ class GroundedVLM(LightningModule):
             if not self.categories:
                 raise ValueError("model.objective.lambda_presence needs the dataset's object categories: the "
                                  "datamodule's evaluation spec lists none (no instance annotations?)")
-            self.presence_head = PresenceHead(presence_dim(self.model), len(self.categories))
+            self.presence_head = PresenceHead(presence_dim(self._base()), len(self.categories))
 
     def zero3_config(self) -> dict | None:
         """The DeepSpeed config when the trainer shards parameters with ZeRO-3 (see ``models.loading``)."""
@@ -274,7 +274,7 @@ class GroundedVLM(LightningModule):
             )
         rec = GroundingRecorder() if self.grounding.enabled else None
         extra = {"grounding_scores": rec} if rec is not None else {}
-        capture = capture_lm_inputs(self.model) if self.presence_head is not None else contextlib.nullcontext({})
+        capture = capture_lm_inputs(self._base()) if self.presence_head is not None else contextlib.nullcontext({})
         with capture as captured:
             if self.lm_loss_reduction == "token":
                 out = self.model(**self._model_inputs(batch), labels=batch["labels"], **extra)
@@ -330,22 +330,24 @@ class GroundedVLM(LightningModule):
             logs["train/negative_lm"] = l_n.detach()
         return total
 
-    def _word_loss(self, batch: dict, rec: GroundingRecorder) -> Tensor:
+    @staticmethod
+    def _object_presence(batch: dict, setting: str) -> Tensor:
+        """(B, C) presence labels of the batch; a clear error naming ``setting`` where the data has none."""
         if "object_presence" not in batch:
             raise ValueError(
-                "model.objective.lambda_word needs object presence labels in the batch: the training data must come "
+                f"model.objective.{setting} needs object presence labels in the batch: the training data must come "
                 "from COCO-format instance annotations (data.coco_dir or data.world), not data.pairs_file"
             )
-        tokens, category = self.object_words().tensors(batch["object_presence"].device)
-        return word_loss(word_logits(self._base(), rec, tokens), batch["object_presence"], category,
-                         batch.get("object_presence_known"))
+        return batch["object_presence"]
+
+    def _word_loss(self, batch: dict, rec: GroundingRecorder) -> Tensor:
+        presence = self._object_presence(batch, "lambda_word")
+        tokens, category = self.object_words().tensors(presence.device)
+        return word_loss(word_logits(self._base(), rec, tokens), presence, category, batch.get("object_presence_known"))
 
     def _presence_loss(self, batch: dict, captured: dict) -> Tensor:
-        if "object_presence" not in batch:
-            raise ValueError("model.objective.lambda_presence needs object presence labels in the batch: the training "
-                             "data must come from COCO-format instance annotations (data.coco_dir or data.world)")
-        logits = presence_logits(self.presence_head, captured, self.model, batch["input_ids"])  # (B, C)
-        presence = batch["object_presence"]
+        presence = self._object_presence(batch, "lambda_presence")
+        logits = presence_logits(self.presence_head, captured, self._base(), batch["input_ids"])  # (B, C)
         every = torch.arange(presence.shape[1], device=presence.device)  # word_loss with one "word" per category
         return word_loss(logits, presence, every, batch.get("object_presence_known"))
 

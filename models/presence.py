@@ -5,7 +5,9 @@ projector's output for LLaVA, the Q-Former's projected queries for BLIP-2) with 
 ``lambda_word`` (BCE against the image's object categories, from the instance annotations). It supervises the image
 tokens with the same information as the candidate-word score while leaving out everything that makes that score
 *grounding*: no per-word query, no patch-level max, no gate, and it works with ``grounding.enabled: false``. A
-training-only head: decoding never reads it. docs/results.md compares the two.
+training-only head: decoding never reads it. Row "presence" of docs/results.md (``configs/experiments/presence.yaml``).
+
+The functions take the Hugging Face model itself (``GroundedVLM._base()``: under peft, the model it wraps).
 """
 
 from __future__ import annotations
@@ -43,9 +45,8 @@ def image_token_mean(embeds: Tensor, image_mask: Tensor) -> Tensor:
 @contextlib.contextmanager
 def capture_lm_inputs(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     """Within the block, ``captured["embeds"]`` is the ``inputs_embeds`` (B, T, D) the language model received in
-    the first forward (image features merged in) and ``captured["image_mask"]`` its image positions (B, T)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    language_model = backbone_spec(base).language_model(base)
+    its first forward (image features merged in)."""
+    language_model = backbone_spec(model).language_model(model)
     captured: dict[str, Tensor] = {}
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -66,14 +67,12 @@ def capture_lm_inputs(model: nn.Module) -> Iterator[dict[str, Tensor]]:
 
 def lm_input_image_mask(model: nn.Module, input_ids: Tensor) -> Tensor:
     """(B, T) image positions of ``input_ids`` as the language model sees them."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return image_token_mask(base, input_ids, has_pixels=True)
+    return image_token_mask(model, input_ids, has_pixels=True)
 
 
 def presence_dim(model: nn.Module) -> int:
     """Width of the language model's input embeddings."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return backbone_spec(base).language_model(base).get_input_embeddings().embedding_dim
+    return backbone_spec(model).language_model(model).get_input_embeddings().embedding_dim
 
 
 def presence_logits(head: PresenceHead, captured: dict[str, Tensor], model: nn.Module, input_ids: Tensor) -> Tensor:
