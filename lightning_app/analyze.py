@@ -186,6 +186,7 @@ def run(module: Any, datamodule: Any, run_dir: Path, device: torch.device, args:
     from tqdm import tqdm
 
     from models.diagnostics import forced_pass, generated_tokens, grounded_layers, mention_rows
+    from models.training import model_inputs
 
     given = read_captions(args.captions) if args.captions else None
     try:
@@ -218,7 +219,7 @@ def run(module: Any, datamodule: Any, run_dir: Path, device: torch.device, args:
             tokens = generated_tokens(new.cpu(), module.eos_token_id(), base.config.image_token_id)
         else:
             tokens = caption_tokens(module.tokenizer, given, list(batch["image_ids"]), args.captions)
-        forced = forced_pass(module.model, module._model_inputs(batch), tokens, module.tokenizer.pad_token_id)
+        forced = forced_pass(module.model, model_inputs(batch), tokens, module.tokenizer.pad_token_id)
         captions, rows = mention_rows(module.tokenizer, tokens, batch["image_ids"], forced, truth, word_index,
                                       attention_layer=max(layers) if layers else None)
         collected.add(batch["image_ids"], captions, rows, forced)

@@ -20,6 +20,7 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from jsonargparse import Namespace
 
@@ -101,6 +102,16 @@ def _merge(into: dict, layer: dict) -> None:
             into[key] = value
 
 
+def _drop(tree: dict, path: list[str]) -> None:
+    """Remove ``tree[a][b]...`` for ``path`` [a, b, ...]; where a level is not a dict, its whole entry."""
+    head, rest = path[0], path[1:]
+    if head in tree:
+        if rest and isinstance(tree[head], dict):
+            _drop(tree[head], rest)
+        else:
+            del tree[head]
+
+
 class SuiteCLI(LightningCLI):
     """LightningCLI with the suite's run layout; prints ``report.md`` and the run directory after fit, validate, test."""
 
@@ -114,7 +125,34 @@ class SuiteCLI(LightningCLI):
         if isinstance(args, (dict, Namespace)):
             self.config = parser.parse_object(args)
             return
-        self.config = parser.parse_args(expand_config_bases(list(sys.argv[1:] if args is None else args)))
+        self._args = expand_config_bases(list(sys.argv[1:] if args is None else args))
+        self.config = parser.parse_args(self._args)
+
+    def _parse_ckpt_path(self) -> None:
+        """``--ckpt_path``'s hyperparameters under the command line, not over it: what the command line and its
+        configs set wins (``validate --ckpt_path X --model.init_args.generation.method vcd`` decodes with VCD);
+        the checkpoint fills the rest.
+
+        Lightning merges every hyperparameter of the checkpoint over the parsed command line, so each
+        ``--model...`` option of a validate/test/predict of a checkpoint was silently dropped (Lightning PR #21455
+        proposes the same order). Same merge as Lightning's, without the keys given explicitly."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        args = getattr(self, "_args", None)
+        if args is not None:
+            model = self.parser.parse_args(args, defaults=False)[subcommand].get("model")
+            init_args = model.get("init_args") if model is not None else None
+            for key in init_args.keys() if init_args is not None else []:
+                _drop(hparams, key.split("."))
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def _subconfig(self) -> Any:
         return self.config[self.subcommand] if self.subcommand else self.config

@@ -12,7 +12,8 @@ its initial weights), then ``analyze`` on the run's last checkpoint where ``--an
 report is already there is not run again, so an interrupted sweep continues where it stopped. ``ROOT/results.md``
 and ``ROOT/results.json`` hold per row: CHAIRs, CHAIRi, Recall, POPE accuracy and F1, the biased companion named
 where absent (with its anchor / elsewhere) and when present, the grounding-score AUROC (from ``analysis.json``
-where present) and the run's wall time.
+where present), the decoding seconds per 100 validation captions (``report.json`` timing: wall time of the
+validating process) and the run's wall time.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ METRICS = (  # key, column title, scale
     ("absent_elsewhere", "elsewhere", 100), ("present", "companion when present", 100),
     ("detection_auroc", "word-score AUROC: objects in image vs not", 1),
     ("mention_auroc_G", "G AUROC: present vs hallucinated mentions", 1),
-    ("mention_auroc_lm", "LM log-prob AUROC: mentions", 1), ("wall_s", "wall s", 1),
+    ("mention_auroc_lm", "LM log-prob AUROC: mentions", 1), ("s_per_100_captions", "s / 100 captions", 1),
+    ("wall_s", "wall s", 1),
 )
 
 
@@ -45,9 +47,10 @@ def _builds_demo_backbone(config: Path) -> bool:
     return ((merged_config(config).get("data") or {}).get("init_args") or {}).get("demo_backbone") is not None
 
 
-def latest_version(run: Path) -> Path | None:
-    versions = sorted(run.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    return versions[-1] if versions else None
+def latest_version(run: Path, holding: str = "report.json") -> Path | None:
+    """The run's newest ``version_N`` directory that holds ``holding`` (analyze writes a version without a report)."""
+    versions = sorted(run.glob(f"version_*/{holding}"), key=lambda p: int(p.parent.name.split("_")[1]))
+    return versions[-1].parent if versions else None
 
 
 def row_metrics(report: dict, analysis: dict | None, wall: float | None) -> dict[str, float]:
@@ -61,6 +64,7 @@ def row_metrics(report: dict, analysis: dict | None, wall: float | None) -> dict
            "absent_with_anchor": probe.get("rate_absent_with_anchor", nan),
            "absent_elsewhere": probe.get("rate_absent_elsewhere", nan), "present": probe.get("recall_when_present", nan),
            "detection_auroc": nan, "mention_auroc_G": nan, "mention_auroc_lm": nan,
+           "s_per_100_captions": (report.get("timing") or {}).get("s_per_100_captions", nan),
            "wall_s": wall if wall is not None else nan}
     if analysis is not None:
         out.update(analysis_metrics(analysis))
@@ -130,16 +134,48 @@ def run_one(config: Path, seed: int, root: Path, analyze: bool, extra: list[str]
     version = latest_version(run)
     if version is None or not (version / "report.json").is_file():
         raise RuntimeError(f"{run}: the fit wrote no report.json (see {run / 'sweep.log'})")
-    analysis_file = version / "analysis.json"
-    if analyze and not analysis_file.is_file():
+    analyzed = latest_version(run, "analysis.json")
+    if analyze and analyzed is None:
         checkpoint = run / "checkpoints" / "last.ckpt"
         print(f"sweep: {name}: analyze", flush=True)
         _run([sys.executable, "-m", "lightning_app", "analyze", "--config", str(config), "--run_name", name,
               "--trainer.default_root_dir", str(root), "--ckpt_path", str(checkpoint), *extra], run / "sweep.log")
-        found = sorted(run.glob("version_*/analysis.json"), key=lambda p: p.stat().st_mtime)
-        analysis_file = found[-1] if found else analysis_file
-    analysis = json.loads(analysis_file.read_text()) if analysis_file.is_file() else None
+        analyzed = latest_version(run, "analysis.json")
+    analysis = json.loads((analyzed / "analysis.json").read_text()) if analyzed is not None else None
     return row_metrics(json.loads((version / "report.json").read_text()), analysis, wall)
+
+
+def run_method(config: Path, seed: int, root: Path, method: str, extra: list[str]) -> dict[str, float]:
+    """``validate`` of run ``X_sS``'s last checkpoint decoding with ``method``, as run ``X_sS.METHOD``."""
+    trained = f"{config.stem}_s{seed}"
+    name = f"{trained}.{method}"
+    run = root / name
+    done = run / "sweep.json"
+    if not done.is_file():
+        run.mkdir(parents=True, exist_ok=True)
+        args = ["--config", str(config), "--run_name", name, "--trainer.default_root_dir", str(root),
+                "--ckpt_path", str(root / trained / "checkpoints" / "last.ckpt"), "--seed_everything", str(seed),
+                "--data.init_args.seed", str(seed), "--model.init_args.generation.method", method]
+        if _builds_demo_backbone(config):
+            args += ["--data.init_args.demo_backbone.seed", str(seed)]
+        print(f"sweep: {name}: validate", flush=True)
+        wall = _run([sys.executable, "-m", "lightning_app", "validate", *args, *extra], run / "sweep.log")
+        done.write_text(json.dumps({"wall_s": wall, "config": str(config), "seed": seed, "method": method,
+                                    "extra": extra}))
+    version = latest_version(run)
+    if version is None or not (version / "report.json").is_file():
+        raise RuntimeError(f"{run}: the validate wrote no report.json (see {run / 'sweep.log'})")
+    return row_metrics(json.loads((version / "report.json").read_text()), None, json.loads(done.read_text())["wall_s"])
+
+
+def _methods(text: str) -> list[str]:
+    from models.decoding import METHODS
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown decoding method(s) {unknown}; known: {', '.join(METHODS)}")
+    return methods
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--root", type=Path, default=Path("runs/sweep"), help="trainer.default_root_dir of every run")
     parser.add_argument("--analyze", action="store_true", help="also run analyze (grounding AUROC column)")
+    parser.add_argument("--methods", type=_methods, default=[],
+                        help="comma-separated decoding methods: validate every trained run with each (rows X.METHOD)")
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     argv, extra = argv[:cut], argv[cut + 1:]  # after --: arguments added to every fit
@@ -161,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     for config in args.configs:
         for seed in args.seeds:
             rows.setdefault(config.stem, []).append(run_one(config, seed, args.root, args.analyze, extra))
+            for method in args.methods:
+                rows.setdefault(f"{config.stem}.{method}", []).append(run_method(config, seed, args.root, method, extra))
             (args.root / "results.json").write_text(json.dumps(rows, indent=1))
     table = summarise(rows)
     (args.root / "results.md").write_text(table)

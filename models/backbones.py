@@ -25,18 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import DynamicCache, EncoderDecoderCache, PretrainedConfig, PreTrainedModel
 
-from models.grounding import (
-    _ACTIVE_RECORDER,
-    _ACTIVE_STATE,
-    ATTN_IMPLEMENTATION,
-    GATE_ATTR,
-    META_ATTR,
-    GroundingConfig,
-    GroundingGate,
-    GroundingMeta,
-    GroundingRecorder,
-    GroundingState,
-)
+from models.grounding import ATTN_IMPLEMENTATION, GATE_ATTR, META_ATTR, GroundingConfig, GroundingGate, GroundingMeta
+from models.grounding_state import _ACTIVE_RECORDER, _ACTIVE_STATE, GroundingRecorder, GroundingState
 
 GROUNDING_WEIGHTS = "grounding.safetensors"
 GROUNDING_CONFIG = "grounding_config.json"

@@ -40,6 +40,7 @@ from models.decoding.attention import AttentionEdit, decoder_targets, explicit_l
 from models.decoding.stream import is_encoder_decoder, prompt_image_mask, unwrap
 from models.grounding import ATTENTION_EDIT, META_ATTR, GroundingRecorder, GroundingState
 from models.mention_tokens import ObjectMention, align_mentions, caption_mentions, token_spans
+from models.training import model_inputs
 from models.word_grounding import ObjectWords, get_object_words, word_logits
 
 __all__ = ["ForcedPass", "ImageAttentionReadout", "MentionScores", "auroc", "forced_pass", "generated_tokens",
@@ -334,7 +335,7 @@ def validation_mention_scores(module: Any, batch: dict, new: Tensor) -> tuple[Te
     module's CHAIR mode against its CHAIR ground truth: one teacher-forced pass, no attention read-out."""
     base = module._base()
     tokens = generated_tokens(new.cpu(), module.eos_token_id(), base.config.image_token_id)
-    forced = forced_pass(module.model, module._model_inputs(batch), tokens, module.tokenizer.pad_token_id,
+    forced = forced_pass(module.model, model_inputs(batch), tokens, module.tokenizer.pad_token_id,
                          readout=False, features=False)
     words = _object_words(module.model)
     index = {t: j for j, t in enumerate(words.tokens)} if words is not None else {}

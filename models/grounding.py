@@ -29,6 +29,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from models.grounding_state import _ACTIVE_STATE, GroundingRecorder, GroundingState  # noqa: F401 (re-exported)
+
 ATTN_IMPLEMENTATION = "grounded_sdpa"
 GATE_ATTR = "grounding_gate"  # name of the gate module on an attention module (peft modules_to_save)
 META_ATTR = "_grounding_meta"
@@ -136,136 +138,6 @@ class GroundingMeta:
     key_hidden: Tensor | None = None  # cross-attention: encoder states (B, S, D), likewise
 
 
-class GroundingRecorder:
-    """Collects grounding scores: per grounded layer, one (batch, query length) tensor per attention call.
-
-    Scores are NaN where undefined (image tokens, text before any image). Use it as a forward keyword
-    argument (``model(**inputs, grounding_scores=rec)``, safe under gradient checkpointing) or as a context
-    manager around ``generate()`` (``with rec: model.generate(...)``).
-    """
-
-    def __init__(self) -> None:
-        self.calls: dict[int, list[Tensor]] = {}
-        self.logits: dict[int, list[Tensor]] = {}  # gate logits scale * G + bias, NaN where undefined
-        self.images: dict[int, list[tuple[Tensor, Tensor]]] = {}  # per call: (B, P, D) image-key features, (B, P) valid
-        self._token: contextvars.Token | None = None
-
-    def add(self, layer: int, scores: Tensor, logits: Tensor) -> None:
-        self.calls.setdefault(layer, []).append(scores)
-        self.logits.setdefault(layer, []).append(logits)
-
-    @property
-    def layers(self) -> list[int]:
-        return sorted(self.calls)
-
-    def __getitem__(self, layer: int) -> list[Tensor]:
-        return self.calls[layer]
-
-    def clear(self) -> None:
-        self.calls.clear()
-        self.logits.clear()
-        self.images.clear()
-
-    def forward_scores(self, layer: int) -> Tensor:
-        """The (B, T) scores of a single forward pass."""
-        return self._single(self.calls, layer)
-
-    def forward_logits(self, layer: int) -> Tensor:
-        """The (B, T) gate logits of a single forward pass."""
-        return self._single(self.logits, layer)
-
-    @staticmethod
-    def _single(store: dict[int, list[Tensor]], layer: int) -> Tensor:
-        calls = store[layer]
-        if len(calls) != 1:
-            raise RuntimeError(f"layer {layer} was called {len(calls)} times; use sequence_scores() for generate()")
-        return calls[0]
-
-    def sequence_scores(self, layer: int, beam_indices: Tensor | None = None) -> Tensor:
-        """Scores of every position fed to the model during ``generate()``: (N, prompt + new tokens - 1).
-
-        Position ``j`` is the score of token ``j`` of the returned sequence as a query. With beam search pass
-        ``generate(..., return_dict_in_generate=True).beam_indices`` to follow each returned beam's ancestry.
-        """
-        steps = self.calls[layer]
-        if beam_indices is None:
-            return torch.cat(steps, dim=1)
-        prefill, decode = steps[0], steps[1:]
-        n, width = beam_indices.shape
-        out = torch.full((n, prefill.shape[1] + len(decode)), float("nan"), dtype=prefill.dtype, device=prefill.device)
-        first = beam_indices[:, 0].clamp_min(0)
-        out[:, : prefill.shape[1]] = prefill[first]
-        for s, step in enumerate(decode, start=1):
-            if s >= width:
-                break
-            slot = beam_indices[:, s]
-            alive = slot >= 0
-            out[alive, prefill.shape[1] + s - 1] = step[slot[alive], 0]
-        return out
-
-    def __enter__(self) -> "GroundingRecorder":
-        self._token = _ACTIVE_RECORDER.set(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _ACTIVE_RECORDER.reset(self._token)
-        self._token = None
-
-
-@dataclass
-class GroundingState:
-    """Per-call inputs of the grounded layers, and what they share within the call.
-
-    ``image_mask`` is (B0, L) bool over the sequence the language model attends to (for encoder-decoder models:
-    the encoder sequence). ``B`` may be a multiple of ``B0`` (beams / returned sequences, expanded with
-    repeat_interleave as ``generate()`` does) and keys may extend past ``L`` (generated tokens are text).
-    """
-
-    image_mask: Tensor | None
-    recorder: GroundingRecorder | None = None
-    recording: bool = True
-    _index: dict = field(default_factory=dict, repr=False)  # batch -> (positions, valid)
-    _features: dict = field(default_factory=dict, repr=False)  # layer -> normalised image features (inference)
-
-    def _mask(self, batch: int, device: torch.device) -> Tensor:
-        mask = self.image_mask
-        if mask is None:
-            raise RuntimeError(
-                "a grounded attention layer ran without image positions: call the model through its forward/"
-                "generate with input_ids (image placeholder tokens locate the image), or pass grounding=GroundingState"
-            )
-        mask = mask.to(device)
-        if mask.shape[0] != batch:
-            if batch % mask.shape[0]:
-                raise RuntimeError(f"grounding image mask has batch {mask.shape[0]}, attention has batch {batch}")
-            mask = mask.repeat_interleave(batch // mask.shape[0], dim=0)
-        return mask
-
-    def key_mask(self, batch: int, key_len: int, device: torch.device) -> Tensor:
-        """(B, S) bool image keys: expanded to the call's batch, generated positions padded with False."""
-        mask = self._mask(batch, device)
-        if mask.shape[1] > key_len:
-            raise RuntimeError(
-                f"grounding image mask covers {mask.shape[1]} positions but attention sees only {key_len} keys "
-                "(sliding-window or truncated caches are not supported by grounded layers)"
-            )
-        return F.pad(mask, (0, key_len - mask.shape[1]), value=False)
-
-    def image_index(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(B, P) positions of each row's image keys in order (padded to the longest row) and (B, P) validity."""
-        if batch not in self._index:
-            mask = self._mask(batch, device)
-            counts = mask.sum(dim=1)
-            p = int(counts.max())
-            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :p]
-            self._index[batch] = (order, torch.arange(p, device=device)[None, :] < counts[:, None])
-        return self._index[batch]
-
-
-_ACTIVE_STATE: contextvars.ContextVar[GroundingState | None] = contextvars.ContextVar("grounding_state", default=None)
-_ACTIVE_RECORDER: contextvars.ContextVar[GroundingRecorder | None] = contextvars.ContextVar(
-    "grounding_recorder", default=None
-)
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -352,6 +224,58 @@ def attention_core(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
     return edit(module, query, key, value, attention_mask, **kwargs)
 
 
+def _cached_image_features(
+    state: GroundingState, meta: GroundingMeta, query: Tensor, key: Tensor, value: Tensor, positions: Tensor,
+    hidden: Tensor | None, key_hidden: Tensor | None,
+) -> tuple[Tensor, bool]:
+    """(B, P, D) image-key features and whether they were computed in this call. They are fixed once computed,
+    so decoding steps reuse the prefill's (inference only)."""
+    b, t, s = query.shape[0], query.shape[2], key.shape[2]
+    inference = not torch.is_grad_enabled()
+    cached = state._features.get(meta.layer) if inference else None
+    if cached is not None and cached.shape[0] == b and (meta.cross or t < s):
+        return cached, False
+    f_img = _image_features(meta, query, key, value, positions, hidden, key_hidden)
+    if inference:
+        state._features[meta.layer] = f_img
+    return f_img, True
+
+
+def _visibility(cross: bool, key_img: Tensor, positions: Tensor, pos_valid: Tensor, t: int) -> tuple[Tensor, Tensor]:
+    """Which image keys each query sees, (B, T, P) or (B, 1, P), and which queries are grounded, (B, T).
+
+    The queries are the last ``t`` of the ``S`` keys (self-attention) or all text (cross-attention)."""
+    b, s = key_img.shape
+    if cross:
+        visible = pos_valid[:, None, :].expand(b, t, -1)
+        return visible, visible.any(-1)  # every query is text
+    if t == 1:  # one query (decoding): it is the last position, so every image key is visible to it
+        return pos_valid[:, None, :], ~key_img[:, -1:] & pos_valid.any(-1, keepdim=True)
+    q_pos = torch.arange(s - t, s, device=key_img.device)
+    text_q = ~key_img[:, s - t :]
+    visible = pos_valid[:, None, :] & (positions[:, None, :] <= q_pos[None, :, None])  # (B, T, P)
+    return visible, text_q & visible.any(-1)
+
+
+def _score(
+    kind: str, module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None, attn_kwargs: dict,
+    f_q: Tensor, f_img: Tensor, positions: Tensor, pos_valid: Tensor, visible: Tensor,
+) -> Tensor:
+    """(B, T) grounding score ``G`` of each query (``GroundingConfig.score``)."""
+    s = key.shape[2]
+    if kind == "similarity":
+        return similarity_score(f_q, f_img, visible)
+    if kind == "attention_weighted":
+        v_img = _scatter(f_img, positions, pos_valid, s).to(query.dtype)  # (B, S, D)
+        attended = _attended(module, query, key, v_img, attention_mask, attn_kwargs).float()
+        return (F.normalize(f_q, dim=-1) * attended).sum(-1)
+    indicator = pos_valid[..., None].to(f_img.dtype)
+    v_img = _scatter(torch.cat([f_img, indicator], dim=-1), positions, pos_valid, s).to(query.dtype)
+    out = _attended(module, query, key, v_img, attention_mask, attn_kwargs).float()  # (B, T, D+1)
+    mass = out[..., -1:].clamp_min(1e-6)  # attention on image keys
+    return getattr(module, GATE_ATTR).learned_score(F.normalize(f_q, dim=-1), F.normalize(out[..., :-1] / mass, dim=-1))
+
+
 def grounded_attention_forward(
     module: nn.Module,
     query: Tensor,
@@ -385,45 +309,14 @@ def grounded_attention_forward(
             state.recorder.add(meta.layer, undefined, undefined)
         return attention_core(module, query, key, value, attention_mask, **kwargs)
 
-    # image-key features are fixed once computed: reuse them across decoding steps (inference only)
-    inference = not torch.is_grad_enabled()
-    cached = state._features.get(meta.layer) if inference else None
-    fresh = not (cached is not None and cached.shape[0] == b and (meta.cross or t < s))
-    if not fresh:
-        f_img = cached
-    else:
-        f_img = _image_features(meta, query, key, value, positions, hidden, key_hidden)  # (B, P, D)
-        if inference:
-            state._features[meta.layer] = f_img
+    f_img, fresh = _cached_image_features(state, meta, query, key, value, positions, hidden, key_hidden)  # (B, P, D)
     f_q = _query_features(meta, module, query, value, hidden).float()  # (B, T, D)
 
-    if meta.cross:
-        visible = pos_valid[:, None, :].expand(b, t, -1)
-        valid = visible.any(-1)  # (B, T): every query is text
-    elif t == 1:
-        # one query (decoding): it is the last position, so every image key is visible to it
-        visible = pos_valid[:, None, :]
-        valid = ~key_img[:, -1:] & pos_valid.any(-1, keepdim=True)
-    else:
-        q_pos = torch.arange(s - t, s, device=query.device)
-        text_q = ~key_img[:, s - t :]
-        visible = pos_valid[:, None, :] & (positions[:, None, :] <= q_pos[None, :, None])  # (B, T, P)
-        valid = text_q & visible.any(-1)  # (B, T)
-
+    visible, valid = _visibility(meta.cross, key_img, positions, pos_valid, t)  # (B, T|1, P), (B, T)
     attn_kwargs = {k: v for k, v in kwargs.items() if k in ("scaling", "position_bias", "is_causal")}
     gate = getattr(module, GATE_ATTR)
-    if meta.score == "similarity":
-        score = similarity_score(f_q, f_img, visible)
-    elif meta.score == "attention_weighted":
-        v_img = _scatter(f_img, positions, pos_valid, s).to(query.dtype)  # (B, S, D)
-        attended = _attended(module, query, key, v_img, attention_mask, attn_kwargs).float()
-        score = (F.normalize(f_q, dim=-1) * attended).sum(-1)
-    else:
-        indicator = pos_valid[..., None].to(f_img.dtype)
-        v_img = _scatter(torch.cat([f_img, indicator], dim=-1), positions, pos_valid, s).to(query.dtype)
-        out = _attended(module, query, key, v_img, attention_mask, attn_kwargs).float()  # (B, T, D+1)
-        mass = out[..., -1:].clamp_min(1e-6)  # attention on image keys
-        score = gate.learned_score(F.normalize(f_q, dim=-1), F.normalize(out[..., :-1] / mass, dim=-1))
+    score = _score(meta.score, module, query, key, attention_mask, attn_kwargs, f_q, f_img, positions, pos_valid,
+                   visible)  # (B, T)
     if state.recorder is not None and state.recording and fresh:  # the prefill's (or training pass's) image keys
         state.recorder.images.setdefault(meta.layer, []).append((f_img, pos_valid))
     logit = gate(score)  # (B, T)

@@ -1,18 +1,14 @@
 """GroundedVLM: the LightningModule that trains and validates a grounded VLM.
 
-Loss: :mod:`models.objective`. Loading (``from_pretrained``, grounding, LoRA, freezing, ZeRO-3):
-:mod:`models.loading`. Validation generates captions (CHAIR) and yes/no answers (POPE), tracks how often the
+Loss: :mod:`models.objective`, the training step: :mod:`models.training`. Loading (``from_pretrained``,
+grounding, LoRA, freezing, ZeRO-3): :mod:`models.loading`. Validation generates captions (CHAIR) and yes/no answers (POPE), tracks how often the
 data's biased companions are named where absent, and writes ``report.json`` / ``report.md``
-(:mod:`models.report`) into the run directory.
+(:mod:`models.validation`, :mod:`models.report`) into the run directory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
-import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,10 +17,10 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from datamodules.evaluation import EvaluationSource, EvaluationSpec
 from models.backbones import save_grounding
 from models.decoding import DecodingSettings, decode
-from models.grounding import GroundingConfig, GroundingRecorder
+from models.diagnostics import MentionScores
+from models.grounding import GroundingConfig
 from models.loading import (
     BackboneSettings,
     LoraSettings,
@@ -37,23 +33,11 @@ from models.loading import (
     trainable_names,
     zero3_config,
 )
-from models.objective import (
-    ObjectiveConfig,
-    contrastive_loss,
-    grounding_loss,
-    lm_loss,
-    masked_mean,
-    check_objective,
-    nanmean_layers,
-    negative_lm_loss,
-)
-from models.presence import PresenceHead, capture_lm_inputs, presence_dim, presence_logits
-from models.word_grounding import ObjectWords, object_words, set_object_words, word_logits, word_loss
-from models.diagnostics import MentionScores, report_signal, validation_mention_scores
-from models.report import annotated_examples, grounding_diagnostics, logged_metrics, probe_rates, write_report
-
-log = logging.getLogger(__name__)
-
+from models.objective import ObjectiveConfig, check_objective
+from models.presence import PresenceHead, presence_dim
+from models.training import lr_factor, model_inputs, training_loss
+from models.validation import answer_update, caption_update, evaluation_end, evaluation_spec, set_up_metrics, write_predictions
+from models.word_grounding import ObjectWords, object_words, set_object_words
 
 @dataclass
 class GenerationSettings(DecodingSettings):
@@ -69,17 +53,6 @@ class GenerationSettings(DecodingSettings):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"generation.{name} must be a positive int, got {value!r}")
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of the base learning rate: linear warm-up, then constant or decay to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / (total - warmup))
-    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
 
 
 class GroundedVLM(LightningModule):
@@ -192,6 +165,7 @@ class GroundedVLM(LightningModule):
         self.presence_head: PresenceHead | None = None  # objective.lambda_presence: a training-only control head
         self._examples: list[dict] = []
         self.mention_scores: MentionScores | None = None
+        self.decoding_time: dict[str, float] = {}  # this process's decoding seconds (models.validation)
         self.last_report: dict | None = None
 
     # ----------------------------------------------------------------- model
@@ -250,106 +224,10 @@ class GroundedVLM(LightningModule):
                 )
 
     # ----------------------------------------------------------------- training
-    def _model_inputs(self, batch: dict) -> dict:
-        skip = {"labels", "object_labels", "image_ids", "question_ids", "targets", "object_presence", "object_presence_known"}
-        return {k: v for k, v in batch.items() if k not in skip and not k.startswith("neg_")}
-
-    def _negative_inputs(self, batch: dict, full_logits: bool = False) -> dict:
-        """Inputs of the negative captions: the positive rows' at ``neg_index``, replaced by every ``neg_*`` input.
-
-        Only the grounding scores are used unless ``full_logits`` (the LM term on negatives)."""
-        index = batch["neg_index"]
-        inputs = {k: v[index] for k, v in self._model_inputs(batch).items()}
-        inputs.update({k[4:]: v for k, v in batch.items() if k.startswith("neg_") and k not in ("neg_index", "neg_object_labels")})
-        if not self.encoder_decoder and not full_logits:
-            inputs["logits_to_keep"] = 1
-        return inputs
-
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        if self.encoder_decoder and "decoder_input_ids" not in batch:
-            raise ValueError(
-                f"model.backbone {self.backbone} is an encoder-decoder (Flan-T5) but the batch has no decoder inputs: "
-                "data.init_args.processor must name the backbone's hub id or a directory that also holds its "
-                "config.json, so the collator builds the encoder-decoder layout"
-            )
-        rec = GroundingRecorder() if self.grounding.enabled else None
-        extra = {"grounding_scores": rec} if rec is not None else {}
-        capture = capture_lm_inputs(self._base()) if self.presence_head is not None else contextlib.nullcontext({})
-        with capture as captured:
-            if self.lm_loss_reduction == "token":
-                out = self.model(**self._model_inputs(batch), labels=batch["labels"], **extra)
-                loss = out.loss
-            else:
-                out = self.model(**self._model_inputs(batch), **extra)
-                loss = lm_loss(out.logits, batch["labels"], self.lm_loss_reduction, shift=not self.encoder_decoder)
-        logs = {"train/lm": loss.detach()}
-        loss = loss + self._extra_terms(batch, rec, logs)
-        if self.presence_head is not None:
-            l_p = self._presence_loss(batch, captured)
-            loss = loss + self.objective.lambda_presence * l_p
-            logs["train/presence"] = l_p.detach()
-        logs["train/loss"] = loss.detach()
+        loss, logs = training_loss(self, batch)  # models.training: the LM loss and every other term
         self.log_dict(logs, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
-
-    def _extra_terms(self, batch: dict, rec: GroundingRecorder | None, logs: dict) -> Tensor | float:
-        """Every term of the objective besides the LM loss (``models.objective``); fills ``logs``."""
-        obj, total = self.objective, 0.0
-        lam_g, lam_c = obj.lambda_grounding, obj.lambda_contrastive
-        wants_negatives = (rec is not None and (lam_c or (lam_g and obj.grounding_loss == "bce"))) or obj.lambda_negative_lm
-        neg_rec = neg_out = None
-        if wants_negatives and "neg_index" in batch:
-            neg_rec = GroundingRecorder() if rec is not None else None
-            neg_out = self.model(**self._negative_inputs(batch, full_logits=bool(obj.lambda_negative_lm)),
-                                 **({"grounding_scores": neg_rec} if neg_rec is not None else {}))
-        if rec is not None and (lam_g or lam_c):
-            scores, logits = nanmean_layers(rec), nanmean_layers(rec, logits=True)
-            neg_scores = neg_logits = None
-            if neg_rec is not None and (lam_c or obj.grounding_loss == "bce"):
-                neg_scores, neg_logits = nanmean_layers(neg_rec), nanmean_layers(neg_rec, logits=True)
-            l_g = grounding_loss(obj.grounding_loss, scores, logits, batch["labels"],
-                                 batch["object_labels"], neg_logits, batch.get("neg_object_labels"))
-            total = total + lam_g * l_g
-            logs["train/grounding"] = l_g.detach()
-            if neg_scores is not None:
-                l_c = contrastive_loss(scores, batch["object_labels"], neg_scores, batch["neg_object_labels"],
-                                       batch["neg_index"], obj.margin)
-                total = total + lam_c * l_c
-                logs["train/contrastive"] = l_c.detach()
-            logs["train/score_objects"] = masked_mean(scores.detach(), batch["object_labels"] == 1)
-        if obj.lambda_word:
-            l_w = self._word_loss(batch, rec)
-            total = total + obj.lambda_word * l_w
-            logs["train/word"] = l_w.detach()
-        if obj.lambda_negative_lm and neg_out is not None:
-            key = "decoder_input_ids" if self.encoder_decoder else "input_ids"
-            pos, neg = batch[key][batch["neg_index"]], batch[f"neg_{key}"]
-            l_n = negative_lm_loss(neg_out.logits[:, :-1], pos[:, 1:], neg[:, 1:], batch["neg_object_labels"][:, 1:],
-                                   obj.negative_lm)
-            total = total + obj.lambda_negative_lm * l_n
-            logs["train/negative_lm"] = l_n.detach()
-        return total
-
-    @staticmethod
-    def _object_presence(batch: dict, setting: str) -> Tensor:
-        """(B, C) presence labels of the batch; a clear error naming ``setting`` where the data has none."""
-        if "object_presence" not in batch:
-            raise ValueError(
-                f"model.objective.{setting} needs object presence labels in the batch: the training data must come "
-                "from COCO-format instance annotations (data.coco_dir or data.world), not data.pairs_file"
-            )
-        return batch["object_presence"]
-
-    def _word_loss(self, batch: dict, rec: GroundingRecorder) -> Tensor:
-        presence = self._object_presence(batch, "lambda_word")
-        tokens, category = self.object_words().tensors(presence.device)
-        return word_loss(word_logits(self._base(), rec, tokens), presence, category, batch.get("object_presence_known"))
-
-    def _presence_loss(self, batch: dict, captured: dict) -> Tensor:
-        presence = self._object_presence(batch, "lambda_presence")
-        logits = presence_logits(self.presence_head, captured, self._base(), batch["input_ids"])  # (B, C)
-        every = torch.arange(presence.shape[1], device=presence.device)  # word_loss with one "word" per category
-        return word_loss(logits, presence, every, batch.get("object_presence_known"))
 
     def configure_optimizers(self) -> dict:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -361,8 +239,6 @@ class GroundedVLM(LightningModule):
 
     # ----------------------------------------------------------------- validation
     def setup(self, stage: str) -> None:
-        from metrics import CHAIR, POPE
-
         check_backbone(self.backbone)  # after prepare_data (which may build the demo backbone), before any weight loads
         zero3 = self.zero3_config()
         if zero3 is not None and self.model is None:
@@ -370,29 +246,10 @@ class GroundedVLM(LightningModule):
         check_quantized_trainer(self.quantization, self._trainer)
 
         if stage in ("fit", "validate", "test"):
-            spec = self._evaluation_spec(stage)
-            self.chair = CHAIR(spec.ground_truth, mode=self.chair_mode, return_details=True)
-            self.evaluation_spec = spec
-            self.pope = torch.nn.ModuleDict({name: POPE() for name in spec.question_sets})
-            self.probes = list(spec.probes)
-            self.categories = tuple(spec.categories)
-            self.mention_scores = MentionScores() if self.grounding.enabled else None  # the report's diagnostics
+            set_up_metrics(self, evaluation_spec(self, stage))  # models.validation
         elif self.grounding.word_score:  # predict: the object-word table still comes from the dataset
-            self.categories = tuple(self._evaluation_spec(stage).categories)
+            self.categories = tuple(evaluation_spec(self, stage).categories)
         self._predictions: list[dict] = []
-
-    def _evaluation_spec(self, stage: str) -> EvaluationSpec:
-        """What the datamodule's evaluation loaders are scored against (``datamodules.evaluation``)."""
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        if not isinstance(datamodule, EvaluationSource):
-            raise TypeError(
-                f"GroundedVLM validates with a datamodule that has evaluation(stage, chair_mode) -> EvaluationSpec "
-                f"(datamodules.evaluation), got {type(datamodule).__name__}"
-            )
-        spec = datamodule.evaluation(stage, self.chair_mode)
-        if not isinstance(spec, EvaluationSpec):
-            raise TypeError(f"{type(datamodule).__name__}.evaluation returned {type(spec).__name__}, not EvaluationSpec")
-        return spec
 
     def object_words(self) -> ObjectWords:
         """The object-word table (tokenizer x the dataset's categories), built once and attached to the model."""
@@ -410,37 +267,30 @@ class GroundedVLM(LightningModule):
 
     def generate_tokens(self, batch: dict, max_new_tokens: int) -> Tensor:
         """(B, new tokens) decoded with ``generation`` (rows that ended are padded with the pad token)."""
-        inputs = self._model_inputs(batch)
+        inputs = model_inputs(batch)
         if self.grounding.word_score and self.grounding.enabled:
             self.object_words()
         return decode(self.model, inputs, self.generation, max_new_tokens=max_new_tokens,
                       pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_token_id())
 
     def _generate(self, batch: dict, max_new_tokens: int) -> list[str]:
-        return self._decoded(self.generate_tokens(batch, max_new_tokens))
+        return self.decoded(self.generate_tokens(batch, max_new_tokens))
 
-    def _decoded(self, new: Tensor) -> list[str]:
+    def decoded(self, new: Tensor) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=True)]
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         question_set = self.evaluation_spec.question_set(dataloader_idx)
         if question_set is None:
-            new = self.generate_tokens(batch, self.generation.caption_max_new_tokens)
-            captions = self._decoded(new)
-            self.chair.update(captions, batch["image_ids"])
-            if self.mention_scores is not None:
-                self.mention_scores.update(*validation_mention_scores(self, batch, new))
-            room = self.report_examples - len(self._examples)
-            self._examples += [{"image_id": i, "caption": c} for i, c in zip(batch["image_ids"], captions)][:max(room, 0)]
+            caption_update(self, batch)
         else:
-            answers = self._generate(batch, self.generation.answer_max_new_tokens)
-            self.pope[question_set].update(answers, batch["targets"])
+            answer_update(self, batch, question_set)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.validation_step(batch, batch_idx, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
-        self._evaluation_end("test")
+        evaluation_end(self, "test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         captions = self._generate(batch, self.generation.caption_max_new_tokens)
@@ -449,69 +299,14 @@ class GroundedVLM(LightningModule):
         return rows
 
     def on_predict_epoch_end(self) -> None:
-        """``predictions.jsonl`` (one per process under DDP) in the run directory, scorable with ``score chair``."""
-        run_dir = self.run_dir()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        name = "predictions.jsonl" if self.trainer.world_size == 1 else f"predictions.rank{self.global_rank}.jsonl"
-        with open(run_dir / name, "w") as handle:
-            for row in self._predictions:
-                handle.write(json.dumps(row) + "\n")
-        log.info("wrote %d captions to %s", len(self._predictions), run_dir / name)
-        print(f"predictions: {run_dir / name}")
+        write_predictions(self, self._predictions)  # models.validation
         self._predictions = []
 
     def on_validation_epoch_end(self) -> None:
-        self._evaluation_end("val")
-
-    def _evaluation_end(self, stage: str) -> None:
-        chair = {k: float(v) for k, v in self.chair.compute().items()}
-        details = self.chair.details()
-        pope = {name: {k: float(v) for k, v in metric.compute().items()} for name, metric in self.pope.items()
-                if int(metric.tp + metric.fp + metric.tn + metric.fn)}
-        probes = probe_rates(details, self.chair.ground_truth, self.probes)
-        mentions = self.mention_scores.compute() if self.mention_scores is not None else None  # all ranks
-        self.log_dict(logged_metrics(stage, chair, pope, probes), prog_bar=False, sync_dist=False, rank_zero_only=True)
-        self.chair.reset()
-        for metric in [*self.pope.values(), *([self.mention_scores] if self.mention_scores is not None else [])]:
-            metric.reset()
-        if self.trainer.sanity_checking:  # (validation only) no report from the sanity check
-            self._examples = []
-            return
-        examples = annotated_examples(self._examples, details, self.chair.ground_truth)
-        self._examples = []
-        self.last_report = {
-            "stage": stage,
-            "epoch": self.current_epoch,
-            "step": self.global_step,
-            "chair": chair,
-            "pope": pope,
-            "probes": probes,
-            "settings": self._settings(),
-            "examples": examples,
-        }
-        run_dir = self.run_dir()  # trainer.log_dir is a broadcast under DDP: every rank must call it
-        if mentions is not None:
-            self.last_report["grounding_diagnostics"] = grounding_diagnostics(
-                *mentions, report_signal(self.grounding.word_score), self.chair_mode,
-                run_dir if self.trainer.is_global_zero else None)
-        if self.trainer.is_global_zero:
-            write_report(self.last_report, run_dir)
+        evaluation_end(self, "val")
 
     def run_dir(self) -> Path:
         return Path(self.trainer.log_dir or self.trainer.default_root_dir)
-
-    def _settings(self) -> dict:
-        return {
-            "backbone": self.backbone,
-            "grounding": asdict(self.grounding),
-            "objective": asdict(self.objective),
-            "lora": asdict(self.lora) if self.lora else None,
-            "freeze_vision": self.freeze_vision,
-            "lm_loss_reduction": self.lm_loss_reduction,
-            "lr": self.lr,
-            "chair_mode": self.chair_mode,
-            "generation": self.generation.describe(),
-        }
 
     def on_train_end(self) -> None:
         run_dir = self.run_dir()  # a broadcast under DDP: on every rank

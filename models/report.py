@@ -92,6 +92,10 @@ def _pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:.1f}"
 
 
+def _secs(x: float) -> str:
+    return "n/a" if x != x else f"{x:.2f}"
+
+
 def _mean_pope(pope: dict[str, dict[str, float]], key: str) -> float:
     values = [m[key] for m in pope.values() if key in m]
     return sum(values) / len(values) if values else float("nan")
@@ -112,6 +116,12 @@ def report_markdown(report: dict) -> str:
         f"{_pct(_mean_pope(pope, 'accuracy'))} | {_pct(_mean_pope(pope, 'f1'))} | {_pct(_mean_pope(pope, 'yes_ratio'))} |",
         "",
     ]
+    timing = report.get("timing") or {}
+    if timing.get("captions") or timing.get("answers"):
+        method = (report["settings"].get("generation") or {}).get("method", "greedy")
+        lines += [f"Decoding with `{method}`: {timing['captions']} captions, {_secs(timing['s_per_100_captions'])} s per "
+                  f"100; {timing['answers']} answers, {_secs(timing['s_per_100_answers'])} s per 100 (wall time of "
+                  "this process).", ""]
     if len(pope) > 1:
         lines += ["| POPE set | accuracy | precision | recall | F1 | yes-ratio |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
         lines += [f"| {name} | {_pct(m['accuracy'])} | {_pct(m['precision'])} | {_pct(m['recall'])} | {_pct(m['f1'])} | "

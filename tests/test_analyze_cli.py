@@ -20,6 +20,7 @@ from lightning_app.suite_cli import SuiteCLI
 from metrics.chair_gt import build_coco_ground_truth
 from models import gate_modules
 from models.tiny import write_tiny_backbone
+from models.training import model_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {  # real-model config -> tiny substitute family (8 text layers: the configs ground the last 8)
@@ -136,7 +137,7 @@ def taught(world: Path, tmp_path_factory) -> dict:
     torch.manual_seed(0)
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(40):
-        loss = module.model(**module._model_inputs(batch), labels=batch["labels"]).loss
+        loss = module.model(**model_inputs(batch), labels=batch["labels"]).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

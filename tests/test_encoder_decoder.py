@@ -20,6 +20,7 @@ from models import GroundedVLM, GroundingConfig
 from models.grounding import GroundingRecorder
 from models.objective import lm_loss
 from models.tiny import write_tiny_backbone
+from models.training import model_inputs
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_qformer_prompts_are_padded_with_their_mask(t5: dict) -> None:
 def test_lm_loss_matches_hugging_face_on_the_collated_batch(t5: dict) -> None:
     batch, module = t5["batch"], _module(t5["tiny"])
     module.model.eval()  # no dropout: the two forwards must see the same network
-    inputs = module._model_inputs(batch)
+    inputs = model_inputs(batch)
     with torch.no_grad():
         ours = module.model(**inputs)
         hf = module.model(**{k: v for k, v in inputs.items() if not k.startswith("decoder_")}, labels=batch["labels"])
@@ -110,7 +111,7 @@ def test_lm_loss_matches_hugging_face_on_the_collated_batch(t5: dict) -> None:
 def test_grounding_scores_cover_the_decoder_positions_and_train_the_gates(t5: dict) -> None:
     batch, module = t5["batch"], _module(t5["tiny"], lm_loss_reduction="sample")
     rec = GroundingRecorder()
-    module.model(**module._model_inputs(batch), grounding_scores=rec)
+    module.model(**model_inputs(batch), grounding_scores=rec)
     assert rec.layers == [0, 1]
     for layer in rec.layers:  # cross-attention: every decoder query sees the image queries in the encoder
         assert rec.forward_scores(layer).shape == batch["decoder_input_ids"].shape

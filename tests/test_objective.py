@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.module import lr_factor
+from models.training import lr_factor
 from models.objective import IGNORE, ObjectiveConfig, contrastive_loss, grounding_loss, lm_loss, masked_mean
 from models.report import probe_rates
 

@@ -47,7 +47,8 @@ def test_table_is_mean_and_sample_std_of_the_reports() -> None:
         return {"chair": {"CHAIRs": 0.5, "CHAIRi": chair_i, "Recall": 0.9},
                 "pope": {"pope": {"accuracy": 0.8, "f1": 0.75}},
                 "probes": {"fork->knife": {"rate_absent_with_anchor": knife, "rate_absent_elsewhere": 0.0,
-                                           "recall_when_present": 1.0}}}
+                                           "recall_when_present": 1.0}},
+                "timing": {"s_per_100_captions": 10 * chair_i}}
 
     rows = {"a": [row_metrics(report(0.10, 0.8), None, 100.0), row_metrics(report(0.20, 0.6), None, 120.0)]}
     assert rows["a"][0]["CHAIRi"] == 0.10 and rows["a"][1]["absent_with_anchor"] == 0.6
@@ -56,7 +57,8 @@ def test_table_is_mean_and_sample_std_of_the_reports() -> None:
     assert cells[0] == "a" and cells[1] == "2"
     assert cells[3] == f"{15.0:.1f} ± {statistics.stdev([10.0, 20.0]):.1f}"  # CHAIRi in percent
     assert cells[7] == f"{70.0:.1f} ± {statistics.stdev([80.0, 60.0]):.1f}"  # companion named where absent
-    assert cells[13] == f"{110.0:.1f} ± {statistics.stdev([100.0, 120.0]):.1f}"  # wall seconds
+    assert cells[13] == f"{1.5:.1f} ± {statistics.stdev([1.0, 2.0]):.1f}"  # decoding seconds per 100 captions
+    assert cells[14] == f"{110.0:.1f} ± {statistics.stdev([100.0, 120.0]):.1f}"  # wall seconds
     assert cells[10:13] == ["n/a"] * 3  # no analysis.json: no AUROC
 
 
@@ -88,12 +90,28 @@ def test_sweep_runs_every_seed_once(tmp_path: Path) -> None:
         config = yaml.safe_load((version / "config.yaml").read_text())
         assert config["seed_everything"] == seed and config["data"]["init_args"]["seed"] == seed
         assert config["data"]["init_args"]["demo_backbone"]["seed"] == seed
+    (root / "word_s0" / "version_7").mkdir()  # as analyze leaves one: no report, must not hide the fit's
+    (root / "word_s0" / "version_7" / "analysis.json").write_text(json.dumps({"detection": {"auroc": 0.75}}))
     stamp = (root / "word_s0" / "sweep.json").stat().st_mtime_ns
     results = json.loads((root / "results.json").read_text())
-    _run(["sweep", str(REPO / "configs" / "experiments" / "word.yaml"), "--seeds", "0", "--root", str(root), "--",
-          *extra])
+    _run(["sweep", str(REPO / "configs" / "experiments" / "word.yaml"), "--seeds", "0", "--root", str(root),
+          "--methods", "greedy,vcd", "--", *extra])
     assert (root / "word_s0" / "sweep.json").stat().st_mtime_ns == stamp  # not fitted again
-    assert json.loads((root / "results.json").read_text())["word"][0] == pytest.approx(results["word"][0], nan_ok=True)
+    again = json.loads((root / "results.json").read_text())
+    assert again["word"][0] == pytest.approx({**results["word"][0], "detection_auroc": 0.75}, nan_ok=True)
+    # --methods: the same last checkpoint validated per method; greedy repeats the fit's own validation
+    fitted = root / "word_s0" / "version_0"
+    for method in ("greedy", "vcd"):
+        (version,) = (root / f"word_s0.{method}").glob("version_*")
+        report = json.loads((version / "report.json").read_text())
+        assert report["settings"]["generation"]["method"] == method
+        assert report["timing"]["captions"] == 4 and report["timing"]["caption_s"] > 0
+        assert again[f"word.{method}"][0]["s_per_100_captions"] == pytest.approx(100 * report["timing"]["caption_s"] / 4)
+    greedy = json.loads((next((root / "word_s0.greedy").glob("version_*")) / "report.json").read_text())
+    assert greedy["chair"] == json.loads((fitted / "report.json").read_text())["chair"]
+    bad = _run(["sweep", str(REPO / "configs" / "experiments" / "word.yaml"), "--root", str(root), "--methods", "vcd,nope"],
+               check=False)
+    assert bad.returncode != 0 and "nope" in bad.stderr and "opera" in bad.stderr
 
 
 def test_merged_config_follows_bases_like_the_cli() -> None:

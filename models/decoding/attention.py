@@ -21,7 +21,8 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from models.backbones import _layers_of, backbone_spec
-from models.grounding import _ACTIVE_STATE, ATTN_IMPLEMENTATION, attention_core
+from models.grounding import ATTN_IMPLEMENTATION, attention_core
+from models.grounding_state import _ACTIVE_STATE
 
 EDIT_ATTN = "decoding_sdpa"
 AttentionInterface.register(EDIT_ATTN, attention_core)

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from models.backbones import backbone_spec, image_token_mask
-from models.grounding import _ACTIVE_STATE, ATTENTION_EDIT, GroundingRecorder, GroundingState
+from models.grounding import ATTENTION_EDIT
+from models.grounding_state import _ACTIVE_STATE, GroundingRecorder, GroundingState
 
 # model_type -> the module that decodes text tokens once the image is in the cache (and runs text-only prompts)
 TEXT_MODEL: dict[str, Callable[[PreTrainedModel], nn.Module]] = {
