@@ -177,7 +177,8 @@ class GroundedVLM(LightningModule):
             if not self.categories:
                 raise ValueError("model.objective.lambda_presence needs the dataset's object categories: the "
                                  "datamodule's evaluation spec lists none (no instance annotations?)")
-            self.presence_head = PresenceHead(presence_dim(self._base()), len(self.categories))
+            self.presence_head = PresenceHead(presence_dim(self._base()), len(self.categories),
+                                              self.objective.presence_pool)
 
     def zero3_config(self) -> dict | None:
         """The DeepSpeed config when the trainer shards parameters with ZeRO-3 (see ``models.loading``)."""

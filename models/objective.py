@@ -41,8 +41,10 @@ class ObjectiveConfig:
         lambda_negative_lm: weight of ``L_negative_lm`` on the rows that carry a negative caption.
         negative_lm: ``unlikelihood`` (``-log(1 - p(w_neg))`` at the first hallucinated token) or ``margin``
             (``-log sigmoid(log p(x_pos) - log p(x_neg))`` where positive and negative first differ).
-        lambda_presence: weight of ``L_presence``, the same BCE as ``L_word`` from a linear head on the mean image
-            token at the LM input (:mod:`models.presence`): a control without grounding.
+        lambda_presence: weight of ``L_presence``, the same BCE as ``L_word`` from a linear head on the image tokens
+            at the LM input (:mod:`models.presence`): a control without grounding.
+        presence_pool: how that head pools the image tokens: ``mean`` (logits of the mean token) or ``max`` (the
+            max over image tokens of each token's logits: a patch must carry the object).
     """
 
     lambda_grounding: float = 0.1
@@ -53,8 +55,11 @@ class ObjectiveConfig:
     lambda_negative_lm: float = 0.0
     negative_lm: Literal["unlikelihood", "margin"] = "margin"
     lambda_presence: float = 0.0
+    presence_pool: Literal["mean", "max"] = "mean"
 
     def __post_init__(self) -> None:
+        if self.presence_pool not in ("mean", "max"):
+            raise ValueError(f"ObjectiveConfig.presence_pool must be mean or max, got {self.presence_pool!r}")
         if self.grounding_loss not in ("direct", "object", "bce"):
             raise ValueError(f"ObjectiveConfig.grounding_loss must be direct, object or bce, got {self.grounding_loss!r}")
         if self.negative_lm not in ("unlikelihood", "margin"):

@@ -4,8 +4,11 @@
 projector's output for LLaVA, the Q-Former's projected queries for BLIP-2) with the same labels and loss as
 ``lambda_word`` (BCE against the image's object categories, from the instance annotations). It supervises the image
 tokens with the same information as the candidate-word score while leaving out everything that makes that score
-*grounding*: no per-word query, no patch-level max, no gate, and it works with ``grounding.enabled: false``. A
-training-only head: decoding never reads it. Row "presence" of docs/results.md (``configs/experiments/presence.yaml``).
+*grounding*: no per-word query, no gate, and it works with ``grounding.enabled: false``. ``presence_pool: mean``
+also leaves out the patch-level max (row "presence", ``configs/experiments/presence.yaml``); ``max`` keeps it: each
+image token gets the head's logits and each category its max over the image tokens (row "presence_max",
+``configs/experiments/presence_max.yaml``). A training-only head: decoding never reads it. Rows of
+docs/results.md.
 
 The functions take the Hugging Face model itself (``GroundedVLM._base()``: under peft, the model it wraps).
 """
@@ -15,25 +18,39 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from models.backbones import backbone_spec, image_token_mask
 
-__all__ = ["PresenceHead", "capture_lm_inputs", "image_token_mean", "lm_input_image_mask", "presence_dim",
+__all__ = ["PresenceHead", "capture_lm_inputs", "image_token_max", "image_token_mean", "lm_input_image_mask", "presence_dim",
            "presence_logits"]
 
 
 class PresenceHead(nn.Module):
-    """(B, T, D) LM input embeddings + (B, T) image-token mask -> (B, C) presence logits of C categories."""
+    """(B, T, D) LM input embeddings + (B, T) image-token mask -> (B, C) presence logits of C categories, from the
+    mean image token (``pool="mean"``) or as the max over image tokens of each token's logits (``pool="max"``)."""
 
-    def __init__(self, dim: int, categories: int) -> None:
+    def __init__(self, dim: int, categories: int, pool: str = "mean") -> None:
         super().__init__()
         if categories < 1:
             raise ValueError("the presence head needs the dataset's object categories (none given)")
+        if pool not in ("mean", "max"):
+            raise ValueError(f"presence pool must be mean or max, got {pool!r}")
         self.proj = nn.Linear(dim, categories)
+        self.pool = pool
 
     def forward(self, embeds: Tensor, image_mask: Tensor) -> Tensor:
-        return self.proj(image_token_mean(embeds, image_mask).to(self.proj.weight.dtype))
+        if self.pool == "mean":
+            return self.proj(image_token_mean(embeds, image_mask).to(self.proj.weight.dtype))
+        logits = self.proj(embeds.to(self.proj.weight.dtype))  # (B, T, C)
+        return image_token_max(logits, image_mask)
+
+
+def image_token_max(values: Tensor, image_mask: Tensor) -> Tensor:
+    """(B, C) max of ``values`` (B, T, C) over the positions of ``image_mask`` (B, T); rows without any: zeros."""
+    masked = values.masked_fill(~image_mask.unsqueeze(-1), float("-inf")).amax(1)  # (B, C)
+    return torch.where(image_mask.any(1, keepdim=True), masked, torch.zeros_like(masked))
 
 
 def image_token_mean(embeds: Tensor, image_mask: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.presence import PresenceHead, capture_lm_inputs, image_token_mean, lm_input_image_mask
+from models.presence import PresenceHead, capture_lm_inputs, image_token_max, image_token_mean, lm_input_image_mask
 from models.tiny import IMAGE_TOKEN_ID, TINY_FACTORIES, tiny_inputs
 from tests.test_cli_runs import _run, _small
 
@@ -55,6 +55,25 @@ def test_pooled_mean_and_loss_against_explicit_loops() -> None:
     assert torch.allclose(F.binary_cross_entropy_with_logits(logits, presence.float()), expected, atol=1e-6)
     with pytest.raises(ValueError, match="object categories"):
         PresenceHead(5, 0)
+
+
+def test_max_pool_is_the_best_image_token_per_category() -> None:
+    torch.manual_seed(0)
+    embeds, mask = torch.randn(3, 7, 5), torch.zeros(3, 7, dtype=torch.bool)
+    mask[0, 1:4], mask[1, 6] = True, True  # row 2: no image token
+    head = PresenceHead(5, 4, pool="max")
+    logits = head(embeds, mask)  # (3, 4)
+    for b in range(2):
+        per_token = [head.proj(embeds[b, t]) for t in range(7) if mask[b, t]]
+        assert torch.allclose(logits[b], torch.stack(per_token).max(0).values, atol=1e-6)
+    assert torch.equal(logits[2], torch.zeros(4))
+    assert torch.equal(image_token_max(torch.ones(1, 2, 3), torch.zeros(1, 2, dtype=torch.bool)), torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="mean or max"):
+        PresenceHead(5, 4, pool="sum")
+    from models.objective import ObjectiveConfig
+
+    with pytest.raises(ValueError, match="presence_pool"):
+        ObjectiveConfig(presence_pool="sum")
 
 
 def test_demo_fit_trains_the_presence_head_with_grounding_off(tmp_path: Path) -> None:
