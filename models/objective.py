@@ -38,6 +38,8 @@ class ObjectiveConfig:
         margin: of ``relu(margin - (mean_obj G(pos) - mean_obj G(neg)))``.
         lambda_word: weight of ``L_word``, the BCE of the candidate-word logits against the image's objects
             (needs ``grounding.word_score`` and instance annotations).
+        word_embedding_grad: whether ``L_word`` trains the LM's input embeddings of the object words (its query is
+            ``W e_w``); ``false`` holds ``e_w`` constant (a control: does the term act through the embeddings?).
         lambda_negative_lm: weight of ``L_negative_lm`` on the rows that carry a negative caption.
         negative_lm: ``unlikelihood`` (``-log(1 - p(w_neg))`` at the first hallucinated token) or ``margin``
             (``-log sigmoid(log p(x_pos) - log p(x_neg))`` where positive and negative first differ).
@@ -52,6 +54,7 @@ class ObjectiveConfig:
     grounding_loss: Literal["direct", "object", "bce"] = "bce"
     margin: float = 0.2
     lambda_word: float = 0.0
+    word_embedding_grad: bool = True
     lambda_negative_lm: float = 0.0
     negative_lm: Literal["unlikelihood", "margin"] = "margin"
     lambda_presence: float = 0.0

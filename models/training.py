@@ -123,7 +123,8 @@ def objective_terms(module: GroundedVLM, batch: dict, rec: GroundingRecorder | N
     if obj.lambda_word:
         presence = object_presence(batch, "lambda_word")
         tokens, category = module.object_words().tensors(presence.device)
-        l_w = word_loss(word_logits(module._base(), rec, tokens), presence, category, batch.get("object_presence_known"))
+        z = word_logits(module._base(), rec, tokens, embedding_grad=obj.word_embedding_grad)  # (B, W)
+        l_w = word_loss(z, presence, category, batch.get("object_presence_known"))
         total = total + obj.lambda_word * l_w
         logs["train/word"] = l_w.detach()
     if obj.lambda_negative_lm and neg_out is not None:

@@ -97,15 +97,18 @@ def get_object_words(model: nn.Module) -> ObjectWords:
     return words
 
 
-def word_logits(model: nn.Module, recorder: GroundingRecorder, tokens: Tensor) -> Tensor:
+def word_logits(model: nn.Module, recorder: GroundingRecorder, tokens: Tensor, embedding_grad: bool = True) -> Tensor:
     """(B, W) candidate-word logits ``z``: mean over grounded layers, from the image keys ``recorder`` holds.
 
-    ``recorder`` must have seen one forward pass (training) or a prefill (decoding) of the grounded model.
+    ``recorder`` must have seen one forward pass (training) or a prefill (decoding) of the grounded model. With
+    ``embedding_grad=False`` no gradient reaches the LM's input embeddings of the words (``e_w`` is a constant).
     """
     gates = gate_modules(model)
     if not gates or any(g.word_proj is None for g in gates.values()):
         raise ValueError("candidate-word scores need model.grounding.word_score: true (the gates have no word_proj)")
     embeddings = _unwrap(model).get_input_embeddings().weight[tokens]  # (W, E)
+    if not embedding_grad:
+        embeddings = embeddings.detach()
     out = []
     for name, gate in gates.items():
         layer = int(name.removeprefix("layer"))

@@ -36,6 +36,7 @@ def test_experiment_rows_set_their_own_knobs() -> None:
             assert not grounding["enabled"] and not any(v for k, v in objective.items() if k.startswith("lambda"))
         if path.stem.startswith("word") or path.stem == "combination":
             assert grounding["word_score"] and objective["lambda_word"] == base["objective"]["lambda_word"] > 0
+            assert objective["word_embedding_grad"] is (path.stem != "word_fixed_embeddings")
         if path.stem.startswith("presence"):
             assert not grounding["enabled"] and objective["lambda_presence"] > 0 and not objective["lambda_word"]
             assert objective["presence_pool"] == ("max" if path.stem == "presence_max" else "mean")

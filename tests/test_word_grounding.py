@@ -187,6 +187,30 @@ def test_word_loss_alone_trains_the_image_path() -> None:
     assert vision and sum(float(g.abs().sum()) for g in vision) > 0
 
 
+def test_fixed_embeddings_stop_only_the_embedding_gradient() -> None:
+    """``embedding_grad=False`` (objective.word_embedding_grad): the same z, no gradient into the LM's word embeddings,
+    the same gradient everywhere else."""
+    grads = []
+    for embedding_grad in (True, False):
+        model = _grounded()
+        model.train()
+        rec = GroundingRecorder()
+        model(**_inputs(model), grounding_scores=rec)
+        tokens, category = get_object_words(model).tensors()
+        z = word_logits(model, rec, tokens, embedding_grad=embedding_grad)
+        word_loss(z, torch.tensor([[True, False, True], [False, True, False], [True, True, False]]), category).backward()
+        grads.append((z.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (z_on, on), (z_off, off) = grads
+    assert torch.equal(z_on, z_off) and set(on) == set(off)
+    embed = next(n for n in on if n.endswith("embed_tokens.weight"))
+    assert all(torch.allclose(off[n], on[n]) for n in on if n != embed)  # the image path is the same
+    words = torch.zeros(on[embed].shape[0], dtype=torch.bool)
+    words[torch.tensor(WORDS.tokens)] = True
+    assert torch.allclose(off[embed][~words], on[embed][~words])  # other tokens: only the input path
+    direct = on[embed][words] - off[embed][words]  # the query W e_w's own gradient, gone when fixed
+    assert bool((direct.abs().sum(-1) > 0).all())
+
+
 def test_bad_input_names_the_setting() -> None:
     plain = _lively(TINY_FACTORIES["llava"]().eval())
     inputs = _inputs(plain)
