@@ -96,6 +96,7 @@ class GroundingGate(nn.Module):
 
     def __init__(self, config: GroundingConfig, feature_dim: int, embed_dim: int | None = None) -> None:
         super().__init__()
+        self.feature_dim = feature_dim  # width of the image-key features f_p this layer records
         scale = torch.tensor([float(config.init_scale)])  # (1,): DeepSpeed ZeRO-3 cannot partition 0-d parameters
         bias = torch.tensor([float(config.init_bias)])
         if config.learnable_gate:

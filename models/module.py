@@ -34,7 +34,7 @@ from models.loading import (
     zero3_config,
 )
 from models.objective import ObjectiveConfig, check_objective
-from models.presence import PresenceHead, presence_dim
+from models.presence import PresenceHead, grounded_feature_dim, presence_dim
 from models.training import lr_factor, model_inputs, training_loss
 from models.validation import answer_update, caption_update, evaluation_end, evaluation_spec, set_up_metrics, write_predictions
 from models.word_grounding import ObjectWords, object_words, set_object_words
@@ -177,8 +177,9 @@ class GroundedVLM(LightningModule):
             if not self.categories:
                 raise ValueError("model.objective.lambda_presence needs the dataset's object categories: the "
                                  "datamodule's evaluation spec lists none (no instance annotations?)")
-            self.presence_head = PresenceHead(presence_dim(self._base()), len(self.categories),
-                                              self.objective.presence_pool)
+            grounded = self.objective.presence_site == "grounded"
+            dim = grounded_feature_dim(self._base()) if grounded else presence_dim(self._base())
+            self.presence_head = PresenceHead(dim, len(self.categories), self.objective.presence_pool)
 
     def zero3_config(self) -> dict | None:
         """The DeepSpeed config when the trainer shards parameters with ZeRO-3 (see ``models.loading``)."""

@@ -47,6 +47,9 @@ class ObjectiveConfig:
             at the LM input (:mod:`models.presence`): a control without grounding.
         presence_pool: how that head pools the image tokens: ``mean`` (logits of the mean token) or ``max`` (the
             max over image tokens of each token's logits: a patch must carry the object).
+        presence_site: what that head reads: ``lm_input`` (the image tokens the language model receives) or
+            ``grounded`` (the image-key features of the deepest grounded layer, those the word score compares with;
+            needs ``grounding.enabled``).
     """
 
     lambda_grounding: float = 0.1
@@ -59,8 +62,11 @@ class ObjectiveConfig:
     negative_lm: Literal["unlikelihood", "margin"] = "margin"
     lambda_presence: float = 0.0
     presence_pool: Literal["mean", "max"] = "mean"
+    presence_site: Literal["lm_input", "grounded"] = "lm_input"
 
     def __post_init__(self) -> None:
+        if self.presence_site not in ("lm_input", "grounded"):
+            raise ValueError(f"ObjectiveConfig.presence_site must be lm_input or grounded, got {self.presence_site!r}")
         if self.presence_pool not in ("mean", "max"):
             raise ValueError(f"ObjectiveConfig.presence_pool must be mean or max, got {self.presence_pool!r}")
         if self.grounding_loss not in ("direct", "object", "bce"):
@@ -183,6 +189,9 @@ def check_objective(grounding, objective: ObjectiveConfig) -> None:
             "model.grounding.enabled is false but model.objective.lambda_grounding/lambda_contrastive/lambda_word "
             "is non-zero: the grounding terms would be computed from inert gates; set those lambdas to 0"
         )
+    if objective.lambda_presence and objective.presence_site == "grounded" and not grounding.enabled:
+        raise ValueError("model.objective.presence_site grounded reads the grounded layer's image keys: set "
+                         "model.grounding.enabled true (or presence_site lm_input)")
     if objective.lambda_word and not grounding.word_score:
         raise ValueError("model.objective.lambda_word > 0 trains the candidate-word score: set "
                          "model.grounding.word_score true (or lambda_word 0)")

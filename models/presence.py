@@ -7,8 +7,9 @@ tokens with the same information as the candidate-word score while leaving out e
 *grounding*: no per-word query, no gate, and it works with ``grounding.enabled: false``. ``presence_pool: mean``
 also leaves out the patch-level max (row "presence", ``configs/experiments/presence.yaml``); ``max`` keeps it: each
 image token gets the head's logits and each category its max over the image tokens (row "presence_max",
-``configs/experiments/presence_max.yaml``). A training-only head: decoding never reads it. Rows of
-docs/results.md.
+``configs/experiments/presence_max.yaml``). ``presence_site: grounded`` reads the image-key features of the deepest
+grounded layer instead, the ones the candidate-word score compares with (row "presence_grounded_max"). A
+training-only head: decoding never reads it. Rows of docs/results.md.
 
 The functions take the Hugging Face model itself (``GroundedVLM._base()``: under peft, the model it wraps).
 """
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from models.backbones import backbone_spec, image_token_mask
 
-__all__ = ["PresenceHead", "capture_lm_inputs", "image_token_max", "image_token_mean", "lm_input_image_mask", "presence_dim",
+__all__ = ["PresenceHead", "capture_lm_inputs", "grounded_feature_dim", "grounded_presence_logits", "image_token_max", "image_token_mean", "lm_input_image_mask", "presence_dim",
            "presence_logits"]
 
 
@@ -90,6 +91,24 @@ def lm_input_image_mask(model: nn.Module, input_ids: Tensor) -> Tensor:
 def presence_dim(model: nn.Module) -> int:
     """Width of the language model's input embeddings."""
     return backbone_spec(model).language_model(model).get_input_embeddings().embedding_dim
+
+
+def grounded_feature_dim(model: nn.Module) -> int:
+    """Width of the image-key features of the deepest grounded layer (``presence_site: grounded``)."""
+    from models.backbones import gate_modules
+
+    gates = gate_modules(model)
+    if not gates:
+        raise ValueError("objective.presence_site grounded needs a grounded model (grounding.enabled: true)")
+    return gates[max(gates, key=lambda name: int(name.removeprefix("layer")))].feature_dim
+
+
+def grounded_presence_logits(head: PresenceHead, recorder) -> Tensor:
+    """(B, C) logits of the head on the image-key features (B, P, D) the deepest grounded layer recorded."""
+    if not recorder.images:
+        raise RuntimeError("the grounded layers recorded no image keys: run the model with the recorder first")
+    f_img, valid = recorder.images[max(recorder.images)][0]  # (B, P, D) normalised, (B, P)
+    return head(f_img, valid)
 
 
 def presence_logits(head: PresenceHead, captured: dict[str, Tensor], model: nn.Module, input_ids: Tensor) -> Tensor:

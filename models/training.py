@@ -14,7 +14,7 @@ from torch import Tensor
 
 from models.grounding import GroundingRecorder
 from models.objective import contrastive_loss, grounding_loss, lm_loss, masked_mean, nanmean_layers, negative_lm_loss
-from models.presence import capture_lm_inputs, presence_logits
+from models.presence import capture_lm_inputs, grounded_presence_logits, presence_logits
 from models.word_grounding import word_logits, word_loss
 
 if TYPE_CHECKING:
@@ -75,7 +75,8 @@ def training_loss(module: GroundedVLM, batch: dict) -> tuple[Tensor, dict[str, T
     rec = GroundingRecorder() if module.grounding.enabled else None
     extra = {"grounding_scores": rec} if rec is not None else {}
     head = module.presence_head
-    capture = capture_lm_inputs(module._base()) if head is not None else contextlib.nullcontext({})
+    at_input = head is not None and module.objective.presence_site == "lm_input"
+    capture = capture_lm_inputs(module._base()) if at_input else contextlib.nullcontext({})
     with capture as captured:
         if module.lm_loss_reduction == "token":
             loss = module.model(**model_inputs(batch), labels=batch["labels"], **extra).loss
@@ -86,7 +87,8 @@ def training_loss(module: GroundedVLM, batch: dict) -> tuple[Tensor, dict[str, T
     loss = loss + objective_terms(module, batch, rec, logs)
     if head is not None:
         presence = object_presence(batch, "lambda_presence")
-        logits = presence_logits(head, captured, module._base(), batch["input_ids"])  # (B, C)
+        logits = (presence_logits(head, captured, module._base(), batch["input_ids"]) if at_input
+                  else grounded_presence_logits(head, rec))  # (B, C)
         every = torch.arange(presence.shape[1], device=presence.device)  # word_loss with one "word" per category
         l_p = word_loss(logits, presence, every, batch.get("object_presence_known"))
         loss = loss + module.objective.lambda_presence * l_p

@@ -88,3 +88,42 @@ def test_demo_fit_trains_the_presence_head_with_grounding_off(tmp_path: Path) ->
     assert "train/presence" in metrics.splitlines()[0]
     report = json.loads((next((tmp_path / "runs" / "presence").glob("version_*")) / "report.json").read_text())
     assert "grounding_diagnostics" not in report  # grounding off: no gate score to diagnose
+
+
+def test_grounded_site_reads_the_grounded_layers_image_keys() -> None:
+    from models import GroundingConfig, GroundingRecorder, add_grounding
+    from models.objective import ObjectiveConfig, check_objective
+    from models.presence import grounded_feature_dim, grounded_presence_logits
+
+    torch.manual_seed(0)
+    model = TINY_FACTORIES["llava"]().eval()
+    add_grounding(model, GroundingConfig(layers=[-2, -1]))
+    inputs = tiny_inputs(model, batch=2)
+    rec = GroundingRecorder()
+    with torch.no_grad():
+        model(**inputs, grounding_scores=rec)
+    deepest = max(rec.images)
+    f_img, valid = rec.images[deepest][0]  # (B, P, D), (B, P)
+    assert grounded_feature_dim(model) == f_img.shape[-1]
+    head = PresenceHead(f_img.shape[-1], 3, pool="max")
+    logits = grounded_presence_logits(head, rec)
+    for b in range(2):
+        expected = torch.stack([head.proj(f_img[b, p]) for p in range(f_img.shape[1]) if valid[b, p]]).max(0).values
+        assert torch.allclose(logits[b], expected, atol=1e-6)
+    with pytest.raises(ValueError, match="presence_site"):
+        check_objective(GroundingConfig(enabled=False),
+                        ObjectiveConfig(lambda_grounding=0, lambda_contrastive=0, lambda_presence=1.0,
+                                        presence_site="grounded"))
+    with pytest.raises(ValueError, match="grounded model"):
+        grounded_feature_dim(TINY_FACTORIES["llava"]())
+
+
+def test_demo_fit_trains_a_presence_head_on_the_grounded_layer(tmp_path: Path) -> None:
+    args = ["--config", "configs/experiments/presence_grounded_max.yaml", *_small(tmp_path, "pg", steps=3),
+            "--trainer.log_every_n_steps", "1"]
+    _run(["fit", *args])
+    ckpt = torch.load(tmp_path / "runs" / "pg" / "checkpoints" / "last.ckpt", weights_only=True)
+    weight = ckpt["state_dict"]["presence_head.proj.weight"]  # (categories, feature width of the grounded layer)
+    assert weight.shape[0] == 8 and not any("word_proj" in k for k in ckpt["state_dict"])
+    metrics = (next((tmp_path / "runs" / "pg").glob("version_*")) / "metrics.csv").read_text()
+    assert "train/presence" in metrics.splitlines()[0] and "train/word" not in metrics.splitlines()[0]

@@ -38,8 +38,11 @@ def test_experiment_rows_set_their_own_knobs() -> None:
             assert grounding["word_score"] and objective["lambda_word"] == base["objective"]["lambda_word"] > 0
             assert objective["word_embedding_grad"] is (path.stem != "word_fixed_embeddings")
         if path.stem.startswith("presence"):
-            assert not grounding["enabled"] and objective["lambda_presence"] > 0 and not objective["lambda_word"]
-            assert objective["presence_pool"] == ("max" if path.stem == "presence_max" else "mean")
+            at_grounded = path.stem == "presence_grounded_max"
+            assert objective["lambda_presence"] > 0 and not objective["lambda_word"] and not grounding["word_score"]
+            assert grounding["enabled"] is at_grounded
+            assert objective["presence_site"] == ("grounded" if at_grounded else "lm_input")
+            assert objective["presence_pool"] == ("max" if path.stem.endswith("max") else "mean")
         if path.stem.startswith("gate"):
             assert not grounding["word_score"] and objective["lambda_grounding"] > 0
         assert (model["generation"]["method"] == "grounded") == (path.stem in ("word_decoding", "combination"))
