@@ -26,6 +26,7 @@ T5_LORA = 8 * 7 + 8 * 11  # encoder block: q k v o wi_0 wi_1 wo; decoder block: 
 FAMILIES = {  # config -> tiny substitute family (8 text layers: the configs ground the last 8), LoRA'd linear layers
     "llava7b.yaml": ("llava", 8 * 7),
     "llava13b.yaml": ("llava", 8 * 7),
+    "llava7b_word.yaml": ("llava", 8 * 7),  # overlay: the demo's word objective on the 7B recipe
     "blip2_opt2.7b.yaml": ("blip2_opt", 8 * 6),
     "blip2_flant5xl.yaml": ("blip2_t5", T5_LORA),
     "instructblip_vicuna7b.yaml": ("instructblip_llama", 8 * 7),
@@ -182,7 +183,9 @@ def test_cluster_config_trains_and_validates_with_a_tiny_substitute(config: str,
     assert report is not None and report["step"] == 2 and len(report["examples"]) == 4
     assert set(report["pope"]) == {"pope"}  # the world's val questions
     metrics = {k: float(v) for k, v in cli.trainer.logged_metrics.items()}
-    for key in ("train/lm", "train/grounding", "train/contrastive"):
+    word = config.endswith("_word.yaml")
+    assert bool(module.objective.lambda_word) is word and module.grounding.word_score is word
+    for key in ("train/lm", "train/word") if word else ("train/lm", "train/grounding", "train/contrastive"):
         assert key in metrics and math.isfinite(metrics[key]), (key, metrics)
     run_dir = module.run_dir()
     assert (run_dir / "report.json").is_file()
