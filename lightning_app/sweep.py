@@ -117,23 +117,30 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def run_one(config: Path, seed: int, root: Path, analyze: bool, extra: list[str]) -> dict[str, float]:
-    name = f"{config.stem}_s{seed}"
+def _launch(subcommand: str, config: Path, seed: int, root: Path, name: str, args: list[str], extra: list[str],
+            record: dict) -> tuple[Path, float, Path]:
+    """``python -m lightning_app SUBCOMMAND`` as run ``NAME`` with the seed's settings, unless its ``sweep.json``
+    says it ran; the run's directory, wall seconds and newest version holding a report."""
     run = root / name
     done = run / "sweep.json"
     if not done.is_file():
         run.mkdir(parents=True, exist_ok=True)
-        args = ["--config", str(config), "--run_name", name, "--trainer.default_root_dir", str(root),
-                "--seed_everything", str(seed), "--data.init_args.seed", str(seed)]
+        seeded = ["--config", str(config), "--run_name", name, "--trainer.default_root_dir", str(root),
+                  "--seed_everything", str(seed), "--data.init_args.seed", str(seed)]
         if _builds_demo_backbone(config):
-            args += ["--data.init_args.demo_backbone.seed", str(seed)]
-        print(f"sweep: {name}: fit", flush=True)
-        wall = _run([sys.executable, "-m", "lightning_app", "fit", *args, *extra], run / "sweep.log")
-        done.write_text(json.dumps({"wall_s": wall, "config": str(config), "seed": seed, "extra": extra}))
-    wall = json.loads(done.read_text())["wall_s"]
+            seeded += ["--data.init_args.demo_backbone.seed", str(seed)]
+        print(f"sweep: {name}: {subcommand}", flush=True)
+        wall = _run([sys.executable, "-m", "lightning_app", subcommand, *seeded, *args, *extra], run / "sweep.log")
+        done.write_text(json.dumps({"wall_s": wall, "config": str(config), "seed": seed, **record, "extra": extra}))
     version = latest_version(run)
-    if version is None or not (version / "report.json").is_file():
-        raise RuntimeError(f"{run}: the fit wrote no report.json (see {run / 'sweep.log'})")
+    if version is None:
+        raise RuntimeError(f"{run}: the {subcommand} wrote no report.json (see {run / 'sweep.log'})")
+    return run, json.loads(done.read_text())["wall_s"], version
+
+
+def run_one(config: Path, seed: int, root: Path, analyze: bool, extra: list[str]) -> dict[str, float]:
+    name = f"{config.stem}_s{seed}"
+    run, wall, version = _launch("fit", config, seed, root, name, [], extra, {})
     analyzed = latest_version(run, "analysis.json")
     if analyze and analyzed is None:
         checkpoint = run / "checkpoints" / "last.ckpt"
@@ -148,24 +155,10 @@ def run_one(config: Path, seed: int, root: Path, analyze: bool, extra: list[str]
 def run_method(config: Path, seed: int, root: Path, method: str, extra: list[str]) -> dict[str, float]:
     """``validate`` of run ``X_sS``'s last checkpoint decoding with ``method``, as run ``X_sS.METHOD``."""
     trained = f"{config.stem}_s{seed}"
-    name = f"{trained}.{method}"
-    run = root / name
-    done = run / "sweep.json"
-    if not done.is_file():
-        run.mkdir(parents=True, exist_ok=True)
-        args = ["--config", str(config), "--run_name", name, "--trainer.default_root_dir", str(root),
-                "--ckpt_path", str(root / trained / "checkpoints" / "last.ckpt"), "--seed_everything", str(seed),
-                "--data.init_args.seed", str(seed), "--model.init_args.generation.method", method]
-        if _builds_demo_backbone(config):
-            args += ["--data.init_args.demo_backbone.seed", str(seed)]
-        print(f"sweep: {name}: validate", flush=True)
-        wall = _run([sys.executable, "-m", "lightning_app", "validate", *args, *extra], run / "sweep.log")
-        done.write_text(json.dumps({"wall_s": wall, "config": str(config), "seed": seed, "method": method,
-                                    "extra": extra}))
-    version = latest_version(run)
-    if version is None or not (version / "report.json").is_file():
-        raise RuntimeError(f"{run}: the validate wrote no report.json (see {run / 'sweep.log'})")
-    return row_metrics(json.loads((version / "report.json").read_text()), None, json.loads(done.read_text())["wall_s"])
+    args = ["--ckpt_path", str(root / trained / "checkpoints" / "last.ckpt"),
+            "--model.init_args.generation.method", method]
+    _, wall, version = _launch("validate", config, seed, root, f"{trained}.{method}", args, extra, {"method": method})
+    return row_metrics(json.loads((version / "report.json").read_text()), None, wall)
 
 
 def _methods(text: str) -> list[str]:

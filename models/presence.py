@@ -22,10 +22,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from models.backbones import backbone_spec, image_token_mask
+from models.backbones import backbone_spec, gate_modules, image_token_mask
+from models.grounding_state import GroundingRecorder
 
-__all__ = ["PresenceHead", "capture_lm_inputs", "grounded_feature_dim", "grounded_presence_logits", "image_token_max", "image_token_mean", "lm_input_image_mask", "presence_dim",
-           "presence_logits"]
+__all__ = ["PresenceHead", "capture_lm_inputs", "grounded_feature_dim", "grounded_presence_logits", "image_token_max",
+           "image_token_mean", "lm_input_image_mask", "presence_dim", "presence_logits"]
 
 
 class PresenceHead(nn.Module):
@@ -95,15 +96,13 @@ def presence_dim(model: nn.Module) -> int:
 
 def grounded_feature_dim(model: nn.Module) -> int:
     """Width of the image-key features of the deepest grounded layer (``presence_site: grounded``)."""
-    from models.backbones import gate_modules
-
     gates = gate_modules(model)
     if not gates:
         raise ValueError("objective.presence_site grounded needs a grounded model (grounding.enabled: true)")
     return gates[max(gates, key=lambda name: int(name.removeprefix("layer")))].feature_dim
 
 
-def grounded_presence_logits(head: PresenceHead, recorder) -> Tensor:
+def grounded_presence_logits(head: PresenceHead, recorder: GroundingRecorder) -> Tensor:
     """(B, C) logits of the head on the image-key features (B, P, D) the deepest grounded layer recorded."""
     if not recorder.images:
         raise RuntimeError("the grounded layers recorded no image keys: run the model with the recorder first")
