@@ -188,6 +188,36 @@ def test_opera_rollback_changes_the_search() -> None:
     assert not torch.equal(with_rollback, without)
 
 
+@pytest.mark.parametrize("grounded", [False, True])
+@pytest.mark.parametrize("family", ["llava", "blip2_opt", "instructblip_llama"])
+def test_folded_beams_equal_expanded_rows(family: str, grounded: bool) -> None:
+    """Beams folded into one cache row per sample (the default on decoder-only models) decode exactly like K
+    expanded cache rows: plain beam search, and OPERA with forced rollbacks (whose refills rebuild the folded row)."""
+    from models.decoding.attention import routed
+    from models.decoding.opera import Opera, OperaReadout, _targets
+    from models.decoding.search import beam_search
+    from models.decoding.stream import Stream, prompt_image_mask
+
+    model = _model(family, grounded)
+    inputs = _inputs(model)
+    image_mask = prompt_image_mask(model, inputs)
+    with torch.no_grad():
+        beams = [beam_search(Stream(model, inputs, image_mask), 3, 1.0, max_new_tokens=NEW, pad_token_id=PAD_TOKEN_ID,
+                             eos_token_id=EOS_TOKEN_ID, fold=fold) for fold in (True, False)]
+    assert torch.equal(*beams)
+    runs = []
+    for fold in (True, False):
+        readout = OperaReadout(_targets(model)[0], encoder_decoder=False)
+        search = Opera(Stream(model, inputs, image_mask, readout), readout, ACTIVE["opera"], NEW, PAD_TOKEN_ID,
+                       EOS_TOKEN_ID, fold=fold)
+        with torch.no_grad(), routed(model):
+            runs.append((search.run(), search.stream.beams, int(search.rollbacks.sum())))
+    (folded, beams_folded, rollbacks), (expanded, beams_expanded, rollbacks_expanded) = runs
+    assert (beams_folded, beams_expanded) == (3, 1)  # the two layouts really ran
+    assert rollbacks > 0 and rollbacks == rollbacks_expanded
+    assert torch.equal(folded, expanded)
+
+
 @pytest.mark.parametrize("family", ["llava", "blip2_t5"])
 def test_methods_compose_with_grounding(family: str) -> None:
     """A grounded model decodes with every method; its neutral settings equal its greedy, and the gate acts."""

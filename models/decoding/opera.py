@@ -13,6 +13,9 @@ all beams of a sample agreed on the same column ``j >= warmup`` more than ``thre
 ``window`` steps), the sample returns to the state before token ``j + 1`` was chosen (at most ``num_candidates``
 times per position, else one position earlier), its cache rows are recomputed, and token ``j + 1`` is re-chosen
 from the full distribution with every earlier choice there banned. Other samples go on meanwhile.
+
+On decoder-only models a sample's beams share one cache row (``Stream.expand(k, fold=True)``): window positions are
+cache columns of that row, which differ per beam, so they are kept per beam row as before.
 """
 
 from __future__ import annotations
@@ -81,11 +84,14 @@ class Window:
     def _log(self, values: Tensor) -> Tensor:
         return values.clamp_min(1e-38).log() + self.log_scale
 
-    def append(self, attn: Tensor, position: int, rows: Tensor | None = None) -> None:
-        """Record one new window row per row: ``attn`` (n, S) over the cache; the fed token sits at ``position``."""
+    def append(self, attn: Tensor, position: int | Tensor, rows: Tensor | None = None) -> None:
+        """Record one new window row per row: ``attn`` (n, S) over the cache; the fed token sits at ``position``
+        (one column for all rows, or (n,) per row)."""
         rows = torch.arange(self.pos.shape[0], device=attn.device) if rows is None else rows
         full = self.length[rows] >= self.pos.shape[1]  # a finished sample waiting for a rolled-back one
         rows, attn = rows[~full], attn[~full]
+        if torch.is_tensor(position):
+            position = position[~full]
         length = self.length[rows]
         self.pos[rows, length] = position
         cols = torch.arange(self.pos.shape[1], device=attn.device)[None, :]
@@ -94,11 +100,13 @@ class Window:
         self.length[rows] = length + 1
 
     def rebuild(self, rows: Tensor, attn: Tensor, positions: Tensor) -> None:
-        """Rows ``rows`` from scratch: (n, R, S) attention of their R window rows at cache ``positions`` (R,)."""
-        r = positions.numel()
+        """Rows ``rows`` from scratch: (n, R, S) attention of their R window rows at cache ``positions`` (R,) or,
+        per row, (n, R)."""
+        r = positions.shape[-1]
+        positions = positions.expand(len(rows), r)
         self.pos[rows] = 0
         self.pos[rows, :r] = positions
-        values = self._log(attn[:, :, positions])  # (n, R rows, R cols)
+        values = self._log(attn.gather(2, positions[:, None, :].expand(-1, r, -1)))  # (n, R rows, R cols)
         lower = torch.ones(r, r, dtype=torch.bool, device=attn.device).tril()
         self.colsum[rows] = 0
         self.colsum[rows, :r] = torch.where(lower, values, 0.0).sum(1)
@@ -127,8 +135,8 @@ class Opera:
     """One OPERA decode of a batch (the state a rollback needs lives here)."""
 
     def __init__(self, stream: Stream, readout: OperaReadout, settings: OPERASettings, max_new_tokens: int,
-                 pad_token_id: int, eos_token_id) -> None:
-        self.stream, self.readout, self.s = stream, readout, settings
+                 pad_token_id: int, eos_token_id, fold: bool = True) -> None:
+        self.stream, self.readout, self.s, self.fold = stream, readout, settings, fold
         self.max_new, self.pad = max_new_tokens, pad_token_id
         self.eos = eos_token_id
         self.synced = synced_ranks(stream.model)
@@ -144,8 +152,8 @@ class Opera:
         batch, device = logits.shape[0], logits.device
         self.batch = batch
         self.window = Window(batch, self.max_new + 1, s.scale_factor, device)
-        self.window.append(readout.window[:, -1], stream.mask.shape[1] - 1)
-        stream.expand(k)
+        self.window.append(readout.window[:, -1], stream.width - 1)
+        stream.expand(k, fold=self.fold)  # fold: decoder-only models keep one cache row per sample
         self.window.reorder(torch.arange(batch, device=device).repeat_interleave(k))
         logits = logits.repeat_interleave(k, dim=0)
         self.search = BeamSearch(batch, k, self.max_new, s.length_penalty, eos_tensor(self.eos, device), self.pad)
@@ -164,28 +172,44 @@ class Opera:
                 return self.search.best()
             stream.reorder(parent)
             self.window.reorder(parent)
+            logits = self.step(tokens)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed the beams' tokens, record their window rows; (N, V) logits. Folded beams (``Stream.expand``): the
+        K tokens of a sample are the last K queries of its row, at columns ``width .. width + K - 1``."""
+        stream, readout, k = self.stream, self.readout, self.stream.beams
+        width = stream.width
+        readout.rows = k
+        try:
             logits = stream.step(tokens).logits
-            self.window.append(readout.window[:, -1], stream.mask.shape[1] - 1)
+        finally:
+            readout.rows = 1
+        n = logits.shape[0]
+        position = width + torch.arange(k, device=logits.device).repeat(n // k) if k > 1 else width
+        self.window.append(readout.window.reshape(n, -1), position)
+        return logits
 
     def candidate_scores(self, logits: Tensor, c: int) -> tuple[Tensor, Tensor]:
         """(N, V) beam-step scores (candidates only) and (N,) each beam's most frequent maximising column."""
         log_p = torch.log_softmax(logits, -1)
         cand = logits.topk(c, dim=-1).indices  # (N, C)
-        position = self.stream.mask.shape[1]
+        position, n, k = self.stream.width, logits.shape[0], self.stream.beams
         best, where, image = [], [], []
         if not self.stream.encoder_decoder:  # all candidates in one pass (T5's relative positions need one each)
-            self.readout.rows = c
+            self.readout.rows = k * c
             try:
                 self.stream.peek_all(cand)
             finally:
                 self.readout.rows = 1
-            window, mass = self.readout.window, self.readout.image  # (N, C, S + C), (N, C)
+            window = self.readout.window.reshape(n, c, -1)  # (N, C, S + K' * C), K' = K folded, else 1
+            mass = self.readout.image.reshape(n, c)
+            own = position + (torch.arange(n, device=logits.device) % k) * c  # (N,) column of candidate 0
         for i in range(c):
             if self.stream.encoder_decoder:
                 self.stream.peek(cand[:, i])
                 row, share = self.readout.window[:, -1], self.readout.image[:, -1]
             else:
-                row = torch.cat([window[:, i, :position], window[:, i, position + i:position + i + 1]], dim=-1)
+                row = torch.cat([window[:, i, :position], window[:, i].gather(1, (own + i)[:, None])], dim=-1)
                 share = mass[:, i]
             value, column = self.window.scores(row, position).max(-1)  # (N,) over the window's columns
             best.append(value)
@@ -238,10 +262,11 @@ class Opera:
         """Recompute the cache rows of sample ``b``; (output, (K, window rows, S) attention of the window rows)."""
         readout, n = self.readout, tokens.shape[1]
         prompt_row: list[Tensor] = []
+        folded = self.stream.beams > 1
 
         def after_prompt() -> None:
             prompt_row.append(readout.window[:, -1:])
-            readout.rows = max(n, 1)
+            readout.rows = max(n * (len(rows) if folded else 1), 1)
 
         readout.rows = n + 1 if self.stream.encoder_decoder else 1
         try:
@@ -250,10 +275,15 @@ class Opera:
             readout.rows = 1
         if self.stream.encoder_decoder:
             return out, readout.window
+        k = len(rows)
+        first = prompt_row[0].expand(k, -1, -1) if folded else prompt_row[0]
         if n == 0:
-            return out, prompt_row[0]
-        first = torch.nn.functional.pad(prompt_row[0], (0, readout.window.shape[-1] - prompt_row[0].shape[-1]))
-        return out, torch.cat([first, readout.window], dim=1)
+            return out, first
+        window = readout.window
+        if folded:  # (1, n * K, S) step-major -> (K, n, S)
+            window = window[0].view(n, k, -1).transpose(0, 1)
+        first = torch.nn.functional.pad(first, (0, window.shape[-1] - first.shape[-1]))
+        return out, torch.cat([first, window], dim=1)
 
     def roll_back(self, b: int, p: int, scores: Tensor) -> Tensor:
         """Return sample ``b`` to choosing token ``p`` again; its rows of ``scores`` become that re-choice."""
@@ -284,9 +314,15 @@ class Opera:
         rows = torch.arange(b * k, (b + 1) * k, device=scores.device)
         tokens = sr.running[b, :, :p - 1]
         out, attn = self._refill(rows, b, tokens)
-        width = self.stream.mask.shape[1]
-        positions = torch.arange(width - p, width, device=scores.device) if self.stream.encoder_decoder else \
-            torch.arange(p, device=scores.device) + int(self.stream.inputs["input_ids"].shape[1]) - 1
+        width, device = self.stream.width, scores.device
+        prompt_last = int(self.stream.inputs["input_ids"].shape[1]) - 1
+        if self.stream.encoder_decoder:
+            positions = torch.arange(width - p, width, device=device)
+        elif self.stream.beams > 1:  # (K, p): the prompt's last column, then beam i's column of each step
+            steps = torch.arange(p - 1, device=device)[None, :] * k + torch.arange(k, device=device)[:, None]
+            positions = torch.cat([torch.full((k, 1), prompt_last, device=device), prompt_last + 1 + steps], 1)
+        else:
+            positions = torch.arange(p, device=device) + prompt_last
         self.window.rebuild(rows, attn, positions)
         log_p = torch.log_softmax(out.logits, -1).view(-1)  # beams of sample b, flattened (K * V)
         log_p[self.banned[(b, p)]] = float("-inf")

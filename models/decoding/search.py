@@ -160,12 +160,13 @@ class BeamSearch:
 
 
 def beam_search(stream: Stream, num_beams: int, length_penalty: float, *, max_new_tokens: int,
-                pad_token_id: int, eos_token_id: int | list[int] | None) -> Tensor:
-    """Plain beam search on one stream (cache expanded after the prefill); (B, new tokens)."""
+                pad_token_id: int, eos_token_id: int | list[int] | None, fold: bool = True) -> Tensor:
+    """Plain beam search on one stream; (B, new tokens). After the prefill the beams are folded into their
+    sample's cache row (decoder-only models, ``fold``; see ``Stream.expand``), else the rows are expanded K-fold."""
     check_lengths(max_new_tokens, pad_token_id)
     logits = stream.prefill().logits
     batch = logits.shape[0]
-    stream.expand(num_beams)
+    stream.expand(num_beams, fold=fold)
     logits = logits.repeat_interleave(num_beams, dim=0)
     search = BeamSearch(batch, num_beams, max_new_tokens, length_penalty, eos_tensor(eos_token_id, logits.device),
                         pad_token_id)

@@ -4,7 +4,8 @@
 model (``step``), exactly as Hugging Face ``generate`` does: positions from the attention mask (left padding),
 an all-ones mask dropped, ``logits_to_keep=1``; for Flan-T5 the encoder runs once and the decoder starts from
 ``decoder_start_token_id``. Several streams decode side by side (VCD: a noised image; PAI/M3ID: the prompt
-without its image). While a stream calls the model, its ``GroundingState`` (image positions, for grounded
+without its image). Beam searches fold a sample's beams into its one cache row on decoder-only models
+(``expand``). While a stream calls the model, its ``GroundingState`` (image positions, for grounded
 layers) and its attention edit (PAI, VAF, ...) are active; both are per-stream context variables, so a method's
 second pass is neither grounded with the wrong image nor edited.
 """
@@ -115,16 +116,19 @@ class Stream:
         self.encoder: Tensor | None = None  # Flan-T5: (N, L, D) encoder states and their (N, L) mask
         self.encoder_mask: Tensor | None = None
         self.generated = 0  # tokens fed after the prompt
+        self.beams = 1  # > 1: beams folded into their sample's cache row (``expand(k, fold=True)``)
+        self.visible: Tensor | None = None  # folded: (B, K, G) bool, the generated cache columns each beam sees
         if edit is not None and hasattr(edit, "bind"):
             edit.bind(self)
 
     # ------------------------------------------------------------------ calls
-    def _call(self, fn: nn.Module, kwargs: dict, state: GroundingState | None = None) -> StepOutput:
+    def _call(self, fn: nn.Module, kwargs: dict, state: GroundingState | None = None, last: int = 1) -> StepOutput:
         """Run ``fn`` with this stream's grounding state and edit active; keeps the returned cache."""
-        out, self.cache = self._run(fn, kwargs, state or self.state)
+        out, self.cache = self._run(fn, kwargs, state or self.state, last)
         return out
 
-    def _run(self, fn: nn.Module, kwargs: dict, state: GroundingState) -> tuple[StepOutput, object]:
+    def _run(self, fn: nn.Module, kwargs: dict, state: GroundingState, last: int = 1) -> tuple[StepOutput, object]:
+        """``last`` > 1: the outputs of the last ``last`` positions of every row, flattened row-major (R * last)."""
         if self.hidden_states:
             kwargs["output_hidden_states"] = True
         with activated(state, self.edit):
@@ -136,8 +140,8 @@ class Stream:
         hidden = None
         if self.hidden_states:
             states = lm.decoder_hidden_states if self.encoder_decoder else lm.hidden_states
-            hidden = tuple(h[:, -1] for h in states)
-        return StepOutput(out.logits[:, -1].float(), hidden), lm.cache
+            hidden = tuple(h[:, -last:].flatten(0, 1) for h in states)
+        return StepOutput(out.logits[:, -last:].flatten(0, 1).float(), hidden), lm.cache
 
     def _decoder_start(self, batch: int, device: torch.device) -> Tensor:
         config = self.text_model.generation_config
@@ -173,6 +177,8 @@ class Stream:
 
     def step(self, tokens: Tensor) -> StepOutput:
         """Feed one token per row (N,); the logits choose the next one."""
+        if self.beams > 1:
+            return self._step_folded(tokens)
         self.generated += 1
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         if self.encoder_decoder:
@@ -187,9 +193,25 @@ class Stream:
         self._positions(kwargs, self.last_pos[:, None])
         return self._call(self.text_model, kwargs)
 
+    @property
+    def width(self) -> int:
+        """Cache columns (positions of the cache, holes and folded beams' columns included)."""
+        return self.mask.shape[1] + (self.visible.shape[2] if self.beams > 1 else 0)
+
     # ------------------------------------------------------------------ beams
-    def expand(self, k: int) -> None:
-        """Every row becomes ``k`` consecutive rows (beams), as generate() expands its inputs."""
+    def expand(self, k: int, fold: bool = False) -> None:
+        """Every row becomes ``k`` consecutive rows (beams), as generate() expands its inputs.
+
+        ``fold`` (decoder-only models): the cache keeps one row per sample instead. Each step appends the ``k``
+        beams' tokens to their sample's row as ``k`` new columns, fed in one pass at the same position, and a 4D
+        mask lets each beam see the prompt and the columns of its own ancestors only (``visible``). Nothing is
+        copied per beam: no ``k``-fold prompt cache and no reordering of it after each step, only of ``visible``.
+        The outputs are the same as with ``k`` rows (each beam's query sees the same keys at the same positions).
+        """
+        if fold and not self.encoder_decoder:
+            self.beams = k
+            self.visible = torch.zeros(self.mask.shape[0], k, 0, dtype=torch.bool, device=self.mask.device)
+            return
         self.cache.batch_repeat_interleave(k)
         for name in ("mask", "last_pos", "encoder", "encoder_mask"):
             value = getattr(self, name)
@@ -197,12 +219,32 @@ class Stream:
                 setattr(self, name, value.repeat_interleave(k, dim=0))
 
     def reorder(self, index: Tensor) -> None:
-        """Row ``i`` continues row ``index[i]`` (beam search)."""
+        """Row ``i`` continues row ``index[i]`` (beam search; folded: ``index`` stays within each sample)."""
+        if self.beams > 1:
+            b, k = self.visible.shape[:2]
+            local = index.view(b, k) - torch.arange(b, device=index.device)[:, None] * k  # (B, K) parent beam
+            self.visible = self.visible.gather(1, local[..., None].expand(-1, -1, self.visible.shape[2]))
+            return
         self.cache.reorder_cache(index)
         for name in ("mask", "last_pos", "encoder", "encoder_mask"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value[index])
+
+    def _step_folded(self, tokens: Tensor) -> StepOutput:
+        """Feed one token per beam (B * K,) as K columns of each sample's cache row; (B * K) outputs."""
+        b, k = self.visible.shape[:2]
+        self.generated += 1
+        own = torch.eye(k, dtype=torch.bool, device=tokens.device).expand(b, k, k)
+        self.visible = torch.cat([self.visible, own], dim=2)  # (B, K, G + K)
+        prompt = self.mask.bool()[:, None, None, :].expand(b, 1, k, self.mask.shape[1])
+        self.last_pos = self.last_pos + 1
+        kwargs = dict(input_ids=tokens.view(b, k), attention_mask=torch.cat([prompt, self.visible[:, None]], -1),
+                      cache=self.cache)
+        self._positions(kwargs, self.last_pos[:, None].expand(b, k))
+        if self._takes_logits_to_keep:
+            kwargs["logits_to_keep"] = k
+        return self._call(self.text_model, kwargs, last=k)
 
     # ------------------------------------------------------------------ OPERA
     def peek(self, tokens: Tensor) -> StepOutput:
@@ -217,10 +259,18 @@ class Stream:
         """Feed C candidate tokens per row (N, C) in one decoder-only pass, then drop them from the cache.
 
         Each candidate sees the cache and itself only (a block-diagonal 4D mask, all at the next position), so the
-        pass equals C single-token passes; only the edit's read-out of it is meant to be used.
+        pass equals C single-token passes; only the edit's read-out of it is meant to be used. Folded beams: the
+        pass has K * C queries per sample, beam-major (query ``i * C + j`` is candidate ``j`` of beam ``i``).
         """
         n, c = tokens.shape
-        past = self.mask.bool()[:, None, None, :].expand(n, 1, c, self.mask.shape[1])
+        if self.beams > 1:  # folded: a sample's K * C candidates in its row, each seeing its beam's columns
+            b, k = self.visible.shape[:2]
+            n, c = b, k * c
+            past = torch.cat([self.mask.bool()[:, None, None, :].expand(b, 1, c, self.mask.shape[1]),
+                              self.visible.repeat_interleave(c // k, dim=1)[:, None]], dim=-1)
+            tokens = tokens.reshape(b, c)
+        else:
+            past = self.mask.bool()[:, None, None, :].expand(n, 1, c, self.mask.shape[1])
         own = torch.eye(c, dtype=torch.bool, device=tokens.device)[None, None].expand(n, 1, c, c)
         kwargs = dict(input_ids=tokens, attention_mask=torch.cat([past, own], dim=-1), cache=self.cache)
         self._positions(kwargs, (self.last_pos + 1)[:, None].expand(n, c))
@@ -238,6 +288,8 @@ class Stream:
         differences).
         """
         k, n = tokens.shape
+        if self.beams > 1:
+            return self._refill_folded(sample, tokens, after_prompt)
         length = self.mask.shape[1]
         state = GroundingState(self.state.image_mask[sample:sample + 1])
         if self.encoder_decoder:
@@ -269,6 +321,44 @@ class Stream:
         self._write_rows(rows, fresh, mask.shape[1])
         self.mask[rows] = torch.nn.functional.pad(mask, (0, length - mask.shape[1]))
         self.mask_dropped = False
+        return out
+
+    def _refill_folded(self, sample: int, tokens: Tensor, after_prompt: Callable[[], None] | None) -> StepOutput:
+        """``refill`` of folded beams: the sample's one cache row becomes the prompt and then the K beams' tokens
+        step-major (column ``L + j * K + i`` holds beam ``i``'s token ``j``), each beam seeing its own chain only;
+        the columns after them are holes until the next step. Returns the K beams' outputs (K rows)."""
+        k, n = tokens.shape
+        row = slice(sample, sample + 1)
+        state = GroundingState(self.state.image_mask[row])
+        prompt = {key: value[row] for key, value in self.inputs.items() if torch.is_tensor(value)}
+        prompt_mask = self.mask[row]
+        positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
+        kwargs = dict(prompt, attention_mask=prompt_mask)
+        self._positions(kwargs, positions)
+        fn = self.model if prompt.get("pixel_values") is not None else self.text_model
+        out, fresh = self._run(fn, kwargs, state)
+        if after_prompt is not None:
+            after_prompt()
+        last = positions[0, -1]
+        column = torch.arange(n * k, device=tokens.device)
+        chain = column[None, :] % k == torch.arange(k, device=tokens.device)[:, None]  # (K, n * K) beam i's columns
+        if n:
+            step = column // k
+            sees = chain[column % k] & (step[None, :] <= step[:, None])  # (n * K, n * K)
+            mask = torch.cat([prompt_mask.bool()[:, None, None, :].expand(1, 1, n * k, prompt_mask.shape[1]),
+                              sees[None, None]], dim=-1)
+            kwargs = dict(input_ids=tokens.t().reshape(1, n * k), attention_mask=mask, cache=fresh)
+            self._positions(kwargs, (last + 1 + step)[None])
+            if self._takes_logits_to_keep:
+                kwargs["logits_to_keep"] = k
+            out, fresh = self._run(self.text_model, kwargs, state, last=k)
+        else:
+            out = StepOutput(out.logits.expand(k, -1), None if out.hidden is None else
+                             tuple(h.expand(k, -1) for h in out.hidden))
+        self._write_rows(torch.tensor([sample], device=tokens.device), fresh, prompt_mask.shape[1] + n * k)
+        self.visible[sample] = False
+        self.visible[sample, :, :n * k] = chain
+        self.last_pos[sample] = last + n
         return out
 
     def _positions(self, kwargs: dict, positions: Tensor) -> None:
