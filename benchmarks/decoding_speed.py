@@ -1,8 +1,9 @@
 """Captions per second of every decoding method at batch 1 and batch 32, and its cost relative to greedy.
 
 Models: ``demo`` (the offline demo backbone's architecture, random weights: CLIP 64 x 2, 64 image tokens,
-Llama 64 x 2) and ``cpu`` (the CPU Llama preset of benchmarks/overhead.py: Llama 512 x 8, 144 image + 64 text
-tokens). Every row decodes exactly ``--new-tokens`` tokens (no EOS), methods at their published defaults.
+Llama 64 x 2), ``cpu`` (the CPU Llama preset of benchmarks/overhead.py: Llama 512 x 8, 144 image + 64
+text tokens) and ``7b`` (its GPU preset: llava-1.5-7b's language model shape, Llama 4096 x 32, 576 image + 64
+text tokens, bf16, random weights; CUDA only). Every row decodes exactly ``--new-tokens`` tokens (no EOS), methods at their published defaults.
 Repetitions are interleaved (greedy, beam, vcd, ..., greedy, beam, ...) so drift hits all alike; the table uses
 the median and prints, measured in one run:
 
@@ -18,6 +19,7 @@ the median and prints, measured in one run:
     python benchmarks/decoding_speed.py --clock cpu          # shared CPU: seconds of this process, 1 thread
     python benchmarks/decoding_speed.py --smoke              # tiny sizes, a few seconds (tests)
     python benchmarks/decoding_speed.py --models cpu --device cuda --json out.json   # on a GPU; JSON too
+    python benchmarks/decoding_speed.py --models 7b --device cuda --reps 2             # the 7B-shaped table
 
 ``--device cuda`` runs the same models (fp32) on the GPU, synchronising before every clock reading.
 ``--clock cpu`` times with ``time.process_time`` (the CPU seconds this process used) on one torch thread: on a
@@ -66,7 +68,7 @@ def _prompt(batch: int, before: int, image: int, after: int, image_id: int, voca
             "pixel_values": torch.randn(batch, *pixels, generator=g)}
 
 
-def demo() -> Bench:
+def demo(device: str = "cpu") -> Bench:
     from models.demo_backbone import TinyLlavaConfig, build_model, train_tokenizer
 
     config = TinyLlavaConfig()
@@ -82,20 +84,21 @@ def demo() -> Bench:
                  f"{config.image_tokens} image + 9 text tokens, vocab {len(tokenizer)}")
 
 
-def cpu_preset() -> Bench:
+def llama_preset(name: str, device: str = "cpu") -> Bench:
+    """A preset of benchmarks/overhead.py (``cpu`` or ``7b``), its plain model built on ``device`` in its dtype."""
     from benchmarks.overhead import IMAGE_TOKEN_ID, PRESETS, build
 
-    p = PRESETS["cpu"]
-    model = build(p, "cpu")[0].eval()
+    p = PRESETS[name]
+    model = build(p, device)[0].eval()
     n_img = (p.image_size // p.patch) ** 2
     size = (3, p.image_size, p.image_size)
     return Bench(model, lambda b: _prompt(b, 5, n_img, p.text_tokens - 5, IMAGE_TOKEN_ID, p.vocab, size),
                  n_img + p.text_tokens, p.text_tokens,
-                 f"overhead.py cpu preset: Llama {p.hidden} x {p.layers} layers, {n_img} image + {p.text_tokens} "
-                 f"text tokens, vocab {p.vocab}")
+                 f"overhead.py {name} preset: Llama {p.hidden} x {p.layers} layers, {n_img} image + {p.text_tokens} "
+                 f"text tokens, vocab {p.vocab}, {str(p.dtype).removeprefix('torch.')}")
 
 
-def tiny() -> Bench:
+def tiny(device: str = "cpu") -> Bench:
     from models.tiny import IMAGE_TOKEN_ID, VOCAB, tiny_llava
 
     torch.manual_seed(0)
@@ -103,7 +106,13 @@ def tiny() -> Bench:
     return Bench(model, lambda b: _prompt(b, 2, 16, 4, IMAGE_TOKEN_ID, VOCAB, (3, 32, 32)), 22, 6, "tiny LLaVA")
 
 
-BUILDERS = {"demo": demo, "cpu": cpu_preset, "tiny": tiny}
+BUILDERS: dict[str, Callable[[str], Bench]] = {
+    "demo": demo,
+    "cpu": lambda device: llama_preset("cpu", device),
+    "7b": lambda device: llama_preset("7b", device),
+    "tiny": tiny,
+}
+CUDA_ONLY = {"7b"}  # a 7B-shaped model in bf16: minutes of random init and 26 GB on a CPU
 
 
 def theory(name: str, settings, prompt: int, text: int, new: int, encoder_decoder: bool = False) -> tuple[float, float]:
@@ -161,7 +170,8 @@ def measure(bench: Bench, batch: int, methods: list[str], new: int, reps: int, c
 
     Methods that need candidate-word scores (``grounded``) run on ``word_scored(bench.model)``, and greedy on that
     same model is timed too (``GROUNDED_GREEDY``): their cost is relative to it."""
-    inputs = {k: v.to(device) for k, v in bench.inputs(batch).items()}
+    dtype = next(bench.model.parameters()).dtype  # pixels in the model's dtype (bf16 for the 7b preset)
+    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in bench.inputs(batch).items()}
     grounded = word_scored(bench.model) if any(METHODS[m].word_score for m in methods) else None
     runs = {}
     for name in methods:
@@ -233,6 +243,9 @@ def main() -> None:
         parser.error("--batches takes two sizes, e.g. 1,32")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here")
+    cuda_only = sorted(CUDA_ONLY & set(args.models.split(",")))
+    if cuda_only and args.device != "cuda":
+        parser.error(f"--models {','.join(cuda_only)} needs --device cuda (a GPU); use --models cpu,demo here")
     if args.device == "cuda" and args.clock == "cpu":
         parser.error("--clock cpu counts this process's CPU seconds, not the GPU's work: use the wall clock on cuda")
     if args.threads or args.clock == "cpu":
@@ -247,17 +260,17 @@ def main() -> None:
         for name in args.models.split(","):
             if name not in BUILDERS:
                 parser.error(f"unknown model {name!r}; known: {sorted(BUILDERS)}")
-            bench = BUILDERS[name]()
+            bench = BUILDERS[name](args.device)
             bench.model.to(args.device)
             print(f"\n{name}: {bench.description}")
             rows = report(bench, batches, methods, args.new_tokens, args.reps, CLOCKS[args.clock], args.device)
             print_table(rows, batches)
             tables[name] = {"description": bench.description, "rows": rows}
-    if args.json:
-        setup = {"device": where, "clock": args.clock, "batches": batches, "new_tokens": args.new_tokens,
-                 "reps": args.reps}
-        with open(args.json, "w") as f:
-            json.dump({**setup, "models": tables}, f, indent=1)
+            del bench
+            if args.json:  # after every model, so that a run stopped by a timeout keeps the finished tables
+                setup = {"device": where, "clock": args.clock, "batches": batches, "new_tokens": args.new_tokens,
+                         "reps": args.reps}
+                Path(args.json).write_text(json.dumps({**setup, "models": tables}, indent=1))
 
 
 if __name__ == "__main__":

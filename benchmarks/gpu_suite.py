@@ -32,8 +32,9 @@ STEPS = (
     ("env", "env"), ("overhead", "overhead"),
     ("zero_ddp", "zero"), ("zero_zero2", "zero"), ("zero_zero3", "zero"),
     ("substitute", "fit"), ("fit_zero2", "fit"), ("validate_zero2", "fit"), ("fit_zero3", "fit"),
-    ("validate_zero3", "fit"), ("decoding", "decoding"),
+    ("validate_zero3", "fit"), ("decoding", "decoding"), ("decoding7b", "decoding7b"),
 )
+OPT_IN = ("decoding7b",)  # parts gpu_suite.sh runs only when --only names them
 REFUSAL = "DeepSpeed strategy is only supported on CUDA GPUs"
 PACKAGES = ("torch", "lightning", "transformers", "peft", "deepspeed", "jsonargparse", "datasets", "spacy",
             "pycocotools", "torchmetrics", "tokenizers", "safetensors", "huggingface_hub")

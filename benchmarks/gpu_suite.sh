@@ -10,8 +10,10 @@
 #             small synthetic world: 20 steps, then validate from the run's last.ckpt
 #   decoding  benchmarks/decoding_speed.py --models cpu --device cuda: every decoding method's captions/s at
 #             batch 1 and 32, grounded included
+#   decoding7b  (opt-in, not in the default parts: --only decoding7b, about 3 minutes) the same table for the
+#             7B-shaped preset (llava-1.5-7b's language model, 576 image tokens, bf16, random weights)
 #
-#   bash benchmarks/gpu_suite.sh [--smoke] [--only overhead,zero,fit,decoding]
+#   bash benchmarks/gpu_suite.sh [--smoke] [--only overhead,zero,fit,decoding,decoding7b]
 #
 # Writes $OUT/gpu_suite.json (one entry per step: status, seconds, commands, figures), gpu_suite.md (the figures
 # beside the targets) and gpu_suite.log (every command's log); OUT defaults to ./gpu_suite_out. Exits non-zero
@@ -38,7 +40,7 @@ while (($#)); do
     shift
 done
 for part in ${PARTS//,/ }; do
-    [[ $part =~ ^(overhead|zero|fit|decoding)$ ]] ||
+    [[ $part =~ ^(overhead|zero|fit|decoding|decoding7b)$ ]] ||
         { echo "gpu_suite.sh: unknown part '$part' in --only" >&2; exit 2; }
 done
 selected() { [[ ,$PARTS, == *,$1,* ]]; }
@@ -56,7 +58,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_
 
 if ((SMOKE)); then
     MODE=smoke BUDGET=${GPU_SUITE_BUDGET_S:-900}
-    T_ENV=120 T_OVERHEAD=300 T_ZERO=300 T_SUB=300 T_FIT=300 T_VALIDATE=300 T_DECODING=300
+    T_ENV=120 T_OVERHEAD=300 T_ZERO=300 T_SUB=300 T_FIT=300 T_VALIDATE=300 T_DECODING=300 T_DECODING7B=300
     OVERHEAD_ARGS=(--preset tiny --reps 1)
     ZERO_ARGS=(--shape tiny --accelerator cpu --batch-size 2 --steps 2 --warmup 1)
     SHAPE=tiny WORLD_SIZES='"num_train": 16, "num_val": 4'
@@ -66,9 +68,10 @@ if ((SMOKE)); then
               --data.init_args.val_batch_size 4 --data.init_args.max_val_images 4 --data.init_args.max_val_questions 4
               --data.init_args.num_workers 0 --model.init_args.generation.caption_max_new_tokens 4)
     DECODING_ARGS=(--smoke)
+    DECODING7B_ARGS=(--smoke)  # the 7B shape needs CUDA: on the CPU the step runs the tiny model's table
 else
     MODE=gpu BUDGET=${GPU_SUITE_BUDGET_S:-480}
-    T_ENV=90 T_OVERHEAD=150 T_ZERO=150 T_SUB=90 T_FIT=150 T_VALIDATE=100 T_DECODING=120
+    T_ENV=90 T_OVERHEAD=150 T_ZERO=150 T_SUB=90 T_FIT=150 T_VALIDATE=100 T_DECODING=120 T_DECODING7B=300
     OVERHEAD_ARGS=(--preset 7b --reps 6)
     # the recipe's micro-batch (16 per GPU) and docs/scale.md's 620-token rows (576 image + 44 text)
     ZERO_ARGS=(--shape 7b --batch-size 16 --text 44 --steps 6 --warmup 2)
@@ -78,6 +81,7 @@ else
               --data.init_args.max_val_questions 8 --data.init_args.num_workers 0
               --model.init_args.generation.caption_max_new_tokens 32)
     DECODING_ARGS=(--models cpu --device cuda --batches 1,32 --reps 2 --new-tokens 16)
+    DECODING7B_ARGS=(--models 7b --device cuda --batches 1,32 --reps 2 --new-tokens 16)
 fi
 WORLD="{\"root\": \"$WORK/world\", $WORLD_SIZES}"
 # the llava7b recipe as the CLI tests override it for a local substitute and a synthetic world
@@ -188,6 +192,11 @@ part_decoding() {
         --json "$WORK/decoding.json" || true
 }
 
+part_decoding7b() {
+    run_step decoding7b run "$T_DECODING7B" "$PYTHON" benchmarks/decoding_speed.py "${DECODING7B_ARGS[@]}" \
+        --json "$WORK/decoding7b.json" || true
+}
+
 fit_pid=
 if ((SMOKE)) && selected fit; then  # CPU: the fit part beside the others (two processes at a time)
     part_fit &
@@ -197,6 +206,7 @@ fi
 ! selected zero || part_zero
 [[ -n $fit_pid ]] || ! selected fit || part_fit
 ! selected decoding || part_decoding
+! selected decoding7b || part_decoding7b
 [[ -z $fit_pid ]] || wait "$fit_pid" || true
 
 summary

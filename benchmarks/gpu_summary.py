@@ -15,7 +15,7 @@ import re
 import time
 from pathlib import Path
 
-from benchmarks.gpu_suite import STEPS
+from benchmarks.gpu_suite import OPT_IN, STEPS
 
 OVERHEAD_TARGET = 1.02  # grounded / plain at 7B shape
 MFU_TARGET = 0.40  # ZeRO-2
@@ -98,7 +98,7 @@ def memory_estimates(batch: int, tokens: int, negative_share: float) -> dict[str
 
 
 def step_figures(work: Path, name: str) -> dict | None:
-    if name in ("env", "overhead", "substitute", "decoding"):
+    if name in ("env", "overhead", "substitute", "decoding", "decoding7b"):
         return _json(work / f"{name}.json")
     if name.startswith("zero_"):
         return _json(work / f"{name}.json")
@@ -110,7 +110,7 @@ def step_entry(name: str, part: str, records: list[dict], parts: list[str], work
     mine = [r for r in records if r["step"] == name]
     entry = {"step": name, "part": part, "seconds": round(sum(r["seconds"] for r in mine), 1), "commands": mine}
     if part not in parts and part != "env":
-        entry["status"] = "not selected (--only)"
+        entry["status"] = f"not selected (opt-in: --only {part})" if part in OPT_IN else "not selected (--only)"
     elif not mine:
         entry["status"] = "failed: never ran (the suite stopped before it)" if env_passed else "not run: env failed"
     elif not all(r["passed"] for r in mine):
@@ -246,11 +246,16 @@ def _fit_section(by: dict, mode: str) -> list[str]:
 
 
 def _decoding_section(by: dict, mode: str) -> list[str]:
-    f = _figures(by, "decoding")
+    return _decoding_table(by, mode, "decoding") + _decoding_table(by, mode, "decoding7b")
+
+
+def _decoding_table(by: dict, mode: str, step: str) -> list[str]:
+    f = _figures(by, step)
     if not f:
         return []
     small, large = f["batches"]
-    lines = ["", "## Decoding methods: captions/s", "",
+    title = "Decoding methods: captions/s" + (", 7B-shaped model" if step == "decoding7b" else "")
+    lines = ["", f"## {title}", "",
              f"`decoding_speed.py` on {f['device']}, {f['new_tokens']} new tokens, median of {f['reps']} reps. "
              f"Targets: speedup b{large}/b{small} >= {SPEEDUP_TARGET:g}; grounded cost <= {GROUNDED_COST_TARGET}."]
     for model, table in f["models"].items():

@@ -37,3 +37,11 @@ def test_decoding_speed_smoke() -> None:
         assert float(cells[0]) > 0 and float(cells[1]) > 0  # captions/s at both batch sizes
         assert float(cells[3]) > 0 and float(cells[4]) > 0  # cost vs greedy
     assert float(rows["greedy"].split("|")[5]) == 1.0  # greedy costs 1 greedy
+
+
+def test_the_7b_shape_needs_cuda() -> None:
+    """The 7B-shaped preset is refused on the CPU before anything is built, naming the flag to set."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "benchmarks/decoding_speed.py", "--models", "cpu,7b"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "--models 7b needs --device cuda" in proc.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu_suite import REFUSAL, STEPS, outcome, peak_tflops
+from benchmarks.gpu_suite import OPT_IN, REFUSAL, STEPS, outcome, peak_tflops
 from models.decoding import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +51,9 @@ def test_smoke_runs_every_step_and_writes_one_entry_each(smoke) -> None:
     assert [s["step"] for s in summary["steps"]] == [name for name, _ in STEPS]
     assert summary["passed"] and summary["failed"] == [] and summary["mode"] == "smoke"
     for step in summary["steps"]:
+        if step["part"] in OPT_IN:  # run only when --only names them (test_opt_in_part_runs_when_named)
+            assert step["status"] == f"not selected (opt-in: --only {step['part']})" and not step["commands"], step
+            continue
         assert step["status"].startswith("ok"), step
         assert step["commands"] and all(c["passed"] for c in step["commands"]), step
         assert f"| {step['step']} | {step['status']} |" in markdown
@@ -124,6 +127,18 @@ def test_gpu_summary_judges_the_targets(smoke) -> None:
     assert "| 1.010 |" in row["prefill"] and row["prefill"].endswith("| meets |")
     assert row["fwd+bwd"].endswith("| **misses** |")
     assert "n/a (smoke sizes)" not in text
+
+
+def test_opt_in_part_runs_when_named(tmp_path: Path) -> None:
+    """``--only decoding7b`` runs the 7B-shaped decoding table's step (smoke: the tiny model's) and nothing else."""
+    proc = _suite(tmp_path, "--smoke", "--only", "decoding7b")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "gpu_suite.json").read_text())
+    steps = {s["step"]: s for s in summary["steps"]}
+    assert steps["decoding7b"]["status"].startswith("ok") and steps["decoding"]["status"] == "not selected (--only)"
+    rows = steps["decoding7b"]["figures"]["models"]["tiny"]["rows"]
+    assert [r["method"] for r in rows] == list(METHODS) and all(r["large"] > 0 for r in rows)
+    assert "## Decoding methods: captions/s, 7B-shaped model" in (tmp_path / "gpu_suite.md").read_text()
 
 
 def test_gpu_mode_without_cuda_stops_at_the_environment_check(tmp_path: Path) -> None:
