@@ -206,7 +206,8 @@ class Stream:
         beams' tokens to their sample's row as ``k`` new columns, fed in one pass at the same position, and a 4D
         mask lets each beam see the prompt and the columns of its own ancestors only (``visible``). Nothing is
         copied per beam: no ``k``-fold prompt cache and no reordering of it after each step, only of ``visible``.
-        The outputs are the same as with ``k`` rows (each beam's query sees the same keys at the same positions).
+        The outputs are those of ``k`` rows (each beam's query sees the same keys at the same positions; only the
+        order of the keys, so float rounding, differs).
         """
         if fold and not self.encoder_decoder:
             self.beams = k
