@@ -169,6 +169,18 @@ def test_analyze_of_a_taught_model_finds_its_mentions(world: Path, taught: dict)
     assert (payload["detection"] is not None) == taught["word_score"]
 
 
+def test_analyze_decodes_with_the_method_the_command_line_names(world: Path, taught: dict) -> None:
+    """``--model.init_args.generation.method beam`` reaches analyze of a checkpoint trained with greedy settings: the
+    module decodes with it (``generate_tokens``, as validate does) and analysis.json names it and its settings."""
+    main([*_demo_args(world, taught["root"]), "--ckpt_path", str(taught["ckpt"]), "--examples", "2",
+          "--model.init_args.generation.method", "beam", "--model.init_args.generation.beam.num_beams", "2"])
+    run_dir = _version(taught["root"] / "grounded")
+    analysis = json.loads((run_dir / "analysis.json").read_text())
+    assert analysis["generation"] == {"method": "beam", "beam": {"num_beams": 2, "length_penalty": 1.0}}
+    captions = [json.loads(line)["caption"] for line in (run_dir / "captions.jsonl").read_text().splitlines()]
+    assert captions == [CAPTION] * 6  # the taught caption is the best beam too
+
+
 def test_validate_report_has_the_grounding_diagnostics_of_analyze(world: Path, taught: dict) -> None:
     cli = _cli(_demo_args(world, taught["root"]))
     cli.trainer.validate(cli.model, cli.datamodule, ckpt_path=str(taught["ckpt"]), verbose=False)
