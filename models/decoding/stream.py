@@ -2,7 +2,8 @@
 
 ``Stream`` runs the prompt through the whole VLM once (``prefill``) and then feeds one token per row to the text
 model (``step``), exactly as Hugging Face ``generate`` does: positions from the attention mask (left padding),
-an all-ones mask dropped, ``logits_to_keep=1``; for Flan-T5 the encoder runs once and the decoder starts from
+an all-ones mask dropped, ``logits_to_keep=1``, except that decoder-only caches append in place
+(``models.decoding.cache``) where ``generate`` concatenates; for Flan-T5 the encoder runs once and the decoder starts from
 ``decoder_start_token_id``. Several streams decode side by side (VCD: a noised image; PAI/M3ID: the prompt
 without its image). Beam searches fold a sample's beams into its one cache row on decoder-only models
 (``expand``). While a stream calls the model, its ``GroundingState`` (image positions, for grounded
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from models.backbones import backbone_spec, image_token_mask
+from models.decoding.cache import grow_in_place
 from models.grounding import ATTENTION_EDIT
 from models.grounding_state import _ACTIVE_STATE, GroundingRecorder, GroundingState
 
@@ -173,7 +175,9 @@ class Stream:
         self.last_pos = positions[:, -1]
         inputs["attention_mask"] = None if self.mask_dropped else mask
         self._positions(inputs, positions)
-        return self._call(fn, inputs)
+        out = self._call(fn, inputs)
+        grow_in_place(self.cache)  # steps append in place instead of concatenating the cache
+        return out
 
     def step(self, tokens: Tensor) -> StepOutput:
         """Feed one token per row (N,); the logits choose the next one."""
