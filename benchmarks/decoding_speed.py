@@ -1,11 +1,11 @@
 """Captions per second of every decoding method at batch 1 and batch 32, and its cost relative to greedy.
 
-Models: ``demo`` (the offline demo backbone's architecture, random weights: CLIP 64 x 2, 64 image tokens,
-Llama 64 x 2), ``cpu`` (the CPU Llama preset of benchmarks/overhead.py: Llama 512 x 8, 144 image + 64
-text tokens) and ``7b`` (its GPU preset: llava-1.5-7b's language model shape, Llama 4096 x 32, 576 image + 64
-text tokens, bf16, random weights; CUDA only). Every row decodes exactly ``--new-tokens`` tokens (no EOS), methods at their published defaults.
-Repetitions are interleaved (greedy, beam, vcd, ..., greedy, beam, ...) so drift hits all alike; the table uses
-the median and prints, measured in one run:
+Models: ``demo`` (the offline demo backbone's architecture, random weights: CLIP 64 x 2, 64 image tokens, Llama 64 x
+2), ``cpu`` (the CPU Llama preset of benchmarks/overhead.py: Llama 512 x 8, 144 image + 64 text tokens) and ``7b``
+(its GPU preset: llava-1.5-7b's language model shape, Llama 4096 x 32, 576 image + 64 text tokens, bf16, random
+weights; CUDA only). Every row decodes exactly ``--new-tokens`` tokens (no EOS), methods at their published
+defaults. Repetitions are interleaved (greedy, beam, vcd, ..., greedy, beam, ...) so drift hits all alike; the table
+uses the median and prints, measured in one run:
 
 - ``speedup``: captions/s at the large batch / captions/s at batch 1 (target >= 8 on the 8-layer preset);
 - ``cost``: seconds of the method / seconds of greedy at the same batch (``grounded``, ours: / greedy on the same

@@ -1,14 +1,14 @@
 """A batch of sequences decoded with its own KV cache, on any backbone of the registry (plain or grounded).
 
 ``Stream`` runs the prompt through the whole VLM once (``prefill``) and then feeds one token per row to the text
-model (``step``), exactly as Hugging Face ``generate`` does: positions from the attention mask (left padding),
-an all-ones mask dropped, ``logits_to_keep=1``, except that decoder-only caches append in place
-(``models.decoding.cache``) where ``generate`` concatenates; for Flan-T5 the encoder runs once and the decoder starts from
-``decoder_start_token_id``. Several streams decode side by side (VCD: a noised image; PAI/M3ID: the prompt
-without its image). Beam searches fold a sample's beams into its one cache row on decoder-only models
-(``expand``). While a stream calls the model, its ``GroundingState`` (image positions, for grounded
-layers) and its attention edit (PAI, VAF, ...) are active; both are per-stream context variables, so a method's
-second pass is neither grounded with the wrong image nor edited.
+model (``step``), exactly as Hugging Face ``generate`` does: positions from the attention mask (left padding), an
+all-ones mask dropped, ``logits_to_keep=1``, except that decoder-only caches append in place
+(``models.decoding.cache``) where ``generate`` concatenates; for Flan-T5 the encoder runs once and the decoder
+starts from ``decoder_start_token_id``. Several streams decode side by side (VCD: a noised image; PAI/M3ID: the
+prompt without its image). Beam searches fold a sample's beams into its one cache row on decoder-only models
+(``expand``). While a stream calls the model, its ``GroundingState`` (image positions, for grounded layers) and its
+attention edit (PAI, VAF, ...) are active; both are per-stream context variables, so a method's second pass is
+neither grounded with the wrong image nor edited.
 """
 
 from __future__ import annotations
