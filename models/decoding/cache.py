@@ -47,11 +47,10 @@ class GrowingLayer(DynamicLayer):
     def _allocate(self, length: int, like_keys: Tensor, like_values: Tensor) -> None:
         """Buffers for ``length`` positions plus spare room, holding the current keys and values."""
         capacity = length + max(MIN_SPARE, int(length * GROWTH))
-        old_keys, old_values = self.keys, self.values
+        n, old_keys, old_values = self.get_seq_length(), self.keys, self.values
         b, h, _, dk = like_keys.shape
         self._key_buffer = like_keys.new_empty(b, h, capacity, dk)
         self._value_buffer = like_values.new_empty(b, h, capacity, like_values.shape[-1])
-        n = 0 if old_keys is None or old_keys.dim() != 4 else old_keys.shape[-2]
         if n:
             self._key_buffer[:, :, :n] = old_keys
             self._value_buffer[:, :, :n] = old_values
@@ -61,7 +60,7 @@ class GrowingLayer(DynamicLayer):
         """Append (B, H, T, d) keys and values; returns the (B, H, S + T, d) cache (views of the buffers)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n = 0 if self.keys is None or self.keys.dim() != 4 else self.keys.shape[-2]
+        n = self.get_seq_length()
         end = n + key_states.shape[-2]
         if not self._owns() or end > self._key_buffer.shape[2]:
             self._allocate(end, key_states, value_states)

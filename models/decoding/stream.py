@@ -75,6 +75,13 @@ def text_only_inputs(inputs: dict, image_mask: Tensor, pad_token_id: int) -> tup
     return {"input_ids": out, "attention_mask": keep}, torch.zeros_like(out, dtype=torch.bool)
 
 
+def prompt_then(prompt_mask: Tensor, visible: Tensor) -> Tensor:
+    """(B, 1, Q, L + G) bool 4D mask of Q queries per row: the row's prompt (B, L), then the generated columns that
+    ``visible`` (B, Q, G) shows each query."""
+    b, q = visible.shape[:2]
+    return torch.cat([prompt_mask.bool()[:, None, None, :].expand(b, 1, q, prompt_mask.shape[1]), visible[:, None]], -1)
+
+
 def _accepts(module: nn.Module, name: str) -> bool:
     return name in inspect.signature(module.forward).parameters
 
@@ -242,13 +249,10 @@ class Stream:
         self.generated += 1
         own = torch.eye(k, dtype=torch.bool, device=tokens.device).expand(b, k, k)
         self.visible = torch.cat([self.visible, own], dim=2)  # (B, K, G + K)
-        prompt = self.mask.bool()[:, None, None, :].expand(b, 1, k, self.mask.shape[1])
         self.last_pos = self.last_pos + 1
-        kwargs = dict(input_ids=tokens.view(b, k), attention_mask=torch.cat([prompt, self.visible[:, None]], -1),
-                      cache=self.cache)
-        self._positions(kwargs, self.last_pos[:, None].expand(b, k))
-        if self._takes_logits_to_keep:
-            kwargs["logits_to_keep"] = k
+        mask = prompt_then(self.mask, self.visible)
+        kwargs = dict(input_ids=tokens.view(b, k), attention_mask=mask, cache=self.cache)
+        self._positions(kwargs, self.last_pos[:, None].expand(b, k), keep=k)
         return self._call(self.text_model, kwargs, last=k)
 
     # ------------------------------------------------------------------ OPERA
@@ -269,11 +273,9 @@ class Stream:
         """
         n, c = tokens.shape
         if self.beams > 1:  # folded: a sample's K * C candidates in its row, each seeing its beam's columns
-            b, k = self.visible.shape[:2]
-            n, c = b, k * c
-            past = torch.cat([self.mask.bool()[:, None, None, :].expand(b, 1, c, self.mask.shape[1]),
-                              self.visible.repeat_interleave(c // k, dim=1)[:, None]], dim=-1)
-            tokens = tokens.reshape(b, c)
+            n, k = self.visible.shape[:2]
+            past = prompt_then(self.mask, self.visible.repeat_interleave(c, dim=1))
+            tokens, c = tokens.reshape(n, k * c), k * c
         else:
             past = self.mask.bool()[:, None, None, :].expand(n, 1, c, self.mask.shape[1])
         own = torch.eye(c, dtype=torch.bool, device=tokens.device)[None, None].expand(n, 1, c, c)
@@ -306,23 +308,13 @@ class Stream:
                 encoder_outputs=(self.encoder[rows],), attention_mask=self.encoder_mask[rows],
                 decoder_input_ids=ids, decoder_attention_mask=mask), state)
         else:
-            prompt = {key: value[sample:sample + 1].expand(k, *value.shape[1:])
-                      for key, value in self.inputs.items() if torch.is_tensor(value)}
-            prompt_mask = prompt.get("attention_mask", torch.ones_like(prompt["input_ids"])).long()
+            out, fresh, prompt_mask, last = self._run_prompt(sample, k, state, after_prompt)
             mask = torch.cat([prompt_mask, torch.ones_like(tokens)], dim=1)
-            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-            width = prompt_mask.shape[1]
-            kwargs = dict(prompt, attention_mask=prompt_mask)
-            self._positions(kwargs, positions[:, :width])
-            fn = self.model if prompt.get("pixel_values") is not None else self.text_model
-            out, fresh = self._run(fn, kwargs, state)
-            if after_prompt is not None:
-                after_prompt()
             if n:
                 kwargs = dict(input_ids=tokens, attention_mask=mask, cache=fresh)
-                self._positions(kwargs, positions[:, width:])
+                self._positions(kwargs, last[:, None] + 1 + torch.arange(n, device=tokens.device))
                 out, fresh = self._run(self.text_model, kwargs, state)
-            self.last_pos[rows] = positions[:, -1]
+            self.last_pos[rows] = last + n
         self._write_rows(rows, fresh, mask.shape[1])
         self.mask[rows] = torch.nn.functional.pad(mask, (0, length - mask.shape[1]))
         self.mask_dropped = False
@@ -333,29 +325,16 @@ class Stream:
         step-major (column ``L + j * K + i`` holds beam ``i``'s token ``j``), each beam seeing its own chain only;
         the columns after them are holes until the next step. Returns the K beams' outputs (K rows)."""
         k, n = tokens.shape
-        row = slice(sample, sample + 1)
-        state = GroundingState(self.state.image_mask[row])
-        prompt = {key: value[row] for key, value in self.inputs.items() if torch.is_tensor(value)}
-        prompt_mask = self.mask[row]
-        positions = (prompt_mask.cumsum(-1) - 1).masked_fill(prompt_mask == 0, 0)
-        kwargs = dict(prompt, attention_mask=prompt_mask)
-        self._positions(kwargs, positions)
-        fn = self.model if prompt.get("pixel_values") is not None else self.text_model
-        out, fresh = self._run(fn, kwargs, state)
-        if after_prompt is not None:
-            after_prompt()
-        last = positions[0, -1]
+        state = GroundingState(self.state.image_mask[sample:sample + 1])
+        out, fresh, prompt_mask, last = self._run_prompt(sample, 1, state, after_prompt)
         column = torch.arange(n * k, device=tokens.device)
         chain = column[None, :] % k == torch.arange(k, device=tokens.device)[:, None]  # (K, n * K) beam i's columns
         if n:
             step = column // k
             sees = chain[column % k] & (step[None, :] <= step[:, None])  # (n * K, n * K)
-            mask = torch.cat([prompt_mask.bool()[:, None, None, :].expand(1, 1, n * k, prompt_mask.shape[1]),
-                              sees[None, None]], dim=-1)
-            kwargs = dict(input_ids=tokens.t().reshape(1, n * k), attention_mask=mask, cache=fresh)
-            self._positions(kwargs, (last + 1 + step)[None])
-            if self._takes_logits_to_keep:
-                kwargs["logits_to_keep"] = k
+            kwargs = dict(input_ids=tokens.t().reshape(1, n * k), attention_mask=prompt_then(prompt_mask, sees[None]),
+                          cache=fresh)
+            self._positions(kwargs, last[:, None] + 1 + step, keep=k)
             out, fresh = self._run(self.text_model, kwargs, state, last=k)
         else:
             out = StepOutput(out.logits.expand(k, -1), None if out.hidden is None else
@@ -363,15 +342,31 @@ class Stream:
         self._write_rows(torch.tensor([sample], device=tokens.device), fresh, prompt_mask.shape[1] + n * k)
         self.visible[sample] = False
         self.visible[sample, :, :n * k] = chain
-        self.last_pos[sample] = last + n
+        self.last_pos[sample] = last[0] + n
         return out
 
-    def _positions(self, kwargs: dict, positions: Tensor) -> None:
-        """Position ids and ``logits_to_keep=1`` where the text model takes them (as generate() passes them)."""
+    def _run_prompt(self, sample: int, copies: int, state: GroundingState, after_prompt: Callable[[], None] | None
+                    ) -> tuple[StepOutput, object, Tensor, Tensor]:
+        """Prompt row ``sample`` run as in ``prefill``, ``copies`` rows of it (decoder-only; ``after_prompt`` is
+        called then): its output and cache, its (copies, L) mask and the (copies,) position of its last token."""
+        prompt = {key: value[sample:sample + 1].expand(copies, *value.shape[1:])
+                  for key, value in self.inputs.items() if torch.is_tensor(value)}
+        mask = prompt.get("attention_mask", torch.ones_like(prompt["input_ids"])).long()
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        kwargs = dict(prompt, attention_mask=mask)
+        self._positions(kwargs, positions)
+        fn = self.model if prompt.get("pixel_values") is not None else self.text_model
+        out, fresh = self._run(fn, kwargs, state)
+        if after_prompt is not None:
+            after_prompt()
+        return out, fresh, mask, positions[:, -1]
+
+    def _positions(self, kwargs: dict, positions: Tensor, keep: int = 1) -> None:
+        """Position ids and ``logits_to_keep=keep`` (generate() keeps 1) where the text model takes them."""
         if self._takes_positions:
             kwargs["position_ids"] = positions
         if self._takes_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = keep
 
     def _write_rows(self, rows: Tensor, fresh, width: int) -> None:
         """Copy the self-attention cache ``fresh`` (R rows, ``width`` positions) into rows ``rows``; zero the rest."""
